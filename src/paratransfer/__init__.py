@@ -1,0 +1,2 @@
+"""paratransfer: parametric knowledge transfer between LLMs."""
+__version__ = "0.1.0"
