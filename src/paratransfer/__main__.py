@@ -1,0 +1,7 @@
+"""`python -m paratransfer` is the same as `paratransfer` (so `torchrun -m paratransfer` works)."""
+
+import sys
+
+from paratransfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""`paratransfer` command line: parse -> validate -> call a pipeline step. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from paratransfer import __version__
+from paratransfer.errors import UserError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="float32|bfloat16|float16 (auto: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (auto: GPU when present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_seed_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-format", default="tulu", help="tulu (METHOD.md §1) or chat-template")
+    p.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most this many seed samples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paratransfer",
+        description="Parametric knowledge transfer from a teacher LLM to a student LLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"paratransfer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sensitivity", help="score every teacher weight on a seed set: Σ|θ·∇L|")
+    p.add_argument("--teacher", required=True, help="teacher model folder or hub id")
+    p.add_argument("--seeds", required=True, help="seed examples (JSONL)")
+    p.add_argument("--out", required=True, help="sensitivity file to write (.safetensors)")
+    _add_seed_data(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_sensitivity)
+
+    p = sub.add_parser("extract", help="teacher -> LoRA adapter shaped for the student")
+    p.add_argument("--teacher", required=True, help="teacher model folder or hub id")
+    p.add_argument("--student", required=True, help="student model folder or hub id")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.add_argument("--seeds", default=None, help="seed examples (JSONL); needed without --sensitivity")
+    p.add_argument("--sensitivity", default=None, help="reuse a file from `paratransfer sensitivity`")
+    p.add_argument("--force", action="store_true", help="use a sensitivity file whose metadata does not match")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16; scale alpha/r)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout recorded in the adapter")
+    p.add_argument("--layers", default="sensitivity", help="sensitivity|first|last|uniform|random")
+    p.add_argument("--reduce", default="window", help="window|rows-cols|first|random")
+    p.add_argument("--modules", default="embed,attn,mlp,head",
+                   help="groups (embed,attn,mlp,head) or roles (q,k,v,o,gate,up,down)")
+    p.add_argument("--svd", default="exact", help="exact|randomized")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
+    _add_seed_data(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("demo", help="a small end-to-end run on tiny models built offline")
+    p.add_argument("--out", default=None, help="folder for the demo's outputs (default: a temp folder)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _devices(args):
+    from paratransfer.devices import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
+
+
+def _cmd_sensitivity(args) -> int:
+    from paratransfer.pipeline import SensitivitySettings, run_sensitivity
+
+    settings = SensitivitySettings(args.prompt_format, args.max_length, args.max_samples)
+    device, dtype = _devices(args)
+    meta = run_sensitivity(args.teacher, args.seeds, args.out, settings, dtype, device,
+                           overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {args.out}: {meta['samples']} samples, teacher {meta['teacher']}")
+    return 0
+
+
+def _cmd_extract(args) -> int:
+    from paratransfer.extract import ExtractSettings
+    from paratransfer.pipeline import SensitivitySettings, run_extract
+
+    settings = ExtractSettings(rank=args.rank, alpha=args.alpha, layers=args.layers,
+                               reduce=args.reduce, modules=tuple(args.modules.split(",")),
+                               svd=args.svd, seed=args.seed, dropout=args.dropout)
+    sens_settings = SensitivitySettings(args.prompt_format, args.max_length, args.max_samples)
+    device, dtype = _devices(args)
+    report = run_extract(args.teacher, args.student, args.out, settings, seeds=args.seeds,
+                         sensitivity_path=args.sensitivity, sens_settings=sens_settings,
+                         dtype=dtype, device=device, force=args.force, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    print(summarize_extraction(report, args.out))
+    return 0
+
+
+def summarize_extraction(report: dict, out) -> str:
+    """A few lines saying what was selected, for the terminal."""
+    energies = [m["energy"] for m in report["modules"]]
+    lines = [
+        f"wrote {out}: LoRA rank {report['rank']}, alpha {report['alpha']}, "
+        f"{len(report['modules'])} matrices",
+        f"teacher layers selected (in student order): {report['selected_layers']}",
+        f"energy kept by rank {report['rank']}: mean {sum(energies) / max(len(energies), 1):.3f}, "
+        f"min {min(energies, default=0):.3f}",
+    ]
+    for s in report.get("skipped", []):
+        lines.append(f"skipped {s['role']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def _cmd_demo(args) -> int:
+    from paratransfer.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of both `paratransfer` and `python -m paratransfer`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

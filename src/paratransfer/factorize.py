@@ -1,0 +1,103 @@
+"""Rank-r factorization of a reduced teacher block into LoRA factors (METHOD.md section 4).
+
+W ~= B @ A with B = U_r Σ_r [m, r] and A = V_rᵀ [r, n]: the best rank-r approximation
+(Eckart-Young), which becomes the starting point of the student's LoRA pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from paratransfer.errors import UserError
+
+DEFAULT_OVERSAMPLE = 8
+RANDOMIZED_POWER_ITERATIONS = 4
+
+
+@dataclass(frozen=True)
+class Factors:
+    """LoRA factors of one block and how much of the block they keep."""
+
+    B: torch.Tensor  # [m, r] = U_r Σ_r
+    A: torch.Tensor  # [r, n] = V_rᵀ
+    energy: float  # ||B@A||_F² / ||W||_F²; 1.0 for an all-zero block (nothing is lost)
+
+
+# A factorizer returns (U_r [m, r], S_r [r], V_r [n, r]) for a float32/float64 block.
+Factorizer = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _exact(block: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Economy SVD: exact top-r triplets, never the m x m U of a full SVD."""
+    u, s, vh = torch.linalg.svd(block, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank].mT
+
+
+def _randomized(
+    block: torch.Tensor, rank: int, seed: int, oversample: int = DEFAULT_OVERSAMPLE
+) -> tuple[torch.Tensor, ...]:
+    """Randomized SVD (Halko et al.): ~50-100x faster at 4096-wide blocks, near-exact at r=16.
+
+    svd_lowrank draws from the global RNG, so it runs inside a forked RNG state seeded with
+    `seed`: reproducible, and the caller's random stream is left untouched.
+    """
+    q = min(rank + oversample, min(block.shape))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(block, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+FACTORIZERS: dict[str, Factorizer] = {
+    "exact": _exact,
+    "randomized": _randomized,
+}
+
+
+def _check(block: torch.Tensor, rank: int, method: str) -> Factorizer:
+    """Validate the request and return the factorizer, with one-line UserErrors."""
+    if method not in FACTORIZERS:
+        known = ", ".join(sorted(FACTORIZERS))
+        raise UserError(f"unknown factorization method {method!r}; known: {known}")
+    if block.dim() != 2:
+        raise UserError(f"can only factorize a 2-D block, got shape {list(block.shape)}")
+    m, n = block.shape
+    if rank < 1 or rank > min(m, n):
+        raise UserError(
+            f"rank {rank} is outside 1..{min(m, n)} (the smaller side) of a [{m}, {n}] block"
+        )
+    return FACTORIZERS[method]
+
+
+def _energy(block: torch.Tensor, singular_values: torch.Tensor) -> float:
+    """Share of the block's squared Frobenius norm kept by the kept singular values."""
+    total = float(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2)
+    if total == 0.0:
+        return 1.0
+    kept = float((singular_values.to(torch.float64) ** 2).sum())
+    return min(1.0, kept / total)
+
+
+def factorize(block: torch.Tensor, rank: int, method: str = "exact", seed: int = 0) -> Factors:
+    """LoRA factors (B, A) of a teacher block at the given rank, by the named SVD method.
+
+    Computes in float32 (float64 stays float64) because half-precision SVD is unsupported or
+    inaccurate on CPU; returns contiguous factors in the block's float dtype.
+    """
+    factorizer = _check(block, rank, method)
+    out_dtype = block.dtype if block.is_floating_point() else torch.float32
+    work = block.to(torch.float64 if block.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(work).all()):
+        raise UserError(
+            f"cannot factorize a [{block.shape[0]}, {block.shape[1]}] block "
+            "containing NaN or infinite values"
+        )
+    u, s, v = factorizer(work, rank, seed)
+    return Factors(
+        B=(u * s).to(out_dtype).contiguous(),
+        A=v.mT.to(out_dtype).contiguous(),
+        energy=_energy(work, s),
+    )
