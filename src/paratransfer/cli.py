@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_extract)
 
+    from paratransfer import cli_train; cli_train.register(sub)  # noqa: E702, I001
+
     p = sub.add_parser("demo", help="a small end-to-end run on tiny models built offline")
     p.add_argument("--out", default=None, help="folder for the demo's outputs (default: a temp folder)")
     p.set_defaults(func=_cmd_demo)
