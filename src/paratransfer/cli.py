@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_extract)
 
     from paratransfer import cli_train; cli_train.register(sub)  # noqa: E702, I001
+    from paratransfer import cli_evaluate; cli_evaluate.register(sub)  # noqa: E702, I001
 
     p = sub.add_parser("demo", help="a small end-to-end run on tiny models built offline")
     p.add_argument("--out", default=None, help="folder for the demo's outputs (default: a temp folder)")

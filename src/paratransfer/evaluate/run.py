@@ -1,0 +1,311 @@
+"""`paratransfer evaluate`: a model (+ a LoRA) on a task's records -> metrics + predictions.
+
+Reads and checks every input (flags, records, worked examples, the reference run) before any
+model is loaded, so a bad line fails in a second, not after an hour of generation. Then: the
+prompts in the training prompt format, generation or choice scoring in batches, the task's
+scores, the judge if asked for, and `metrics.json` + `predictions.jsonl` written atomically.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paratransfer import __version__, data
+from paratransfer.errors import UserError
+from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
+from paratransfer.models import load_model, load_tokenizer, model_label
+from paratransfer.outputs import atomic_dir, refuse_existing, write_json
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a model is evaluated; recorded in metrics.json."""
+
+    task: str
+    shots: int = 0
+    limit: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: the task's default
+    prompt_format: str = "tulu"
+    judge_prompt_format: str = "auto"  # auto: the judge's chat template when it has one
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        for flag, value, least in (("--shots", self.shots, 0), ("--limit", self.limit, 1),
+                                   ("--batch-size", self.batch_size, 1),
+                                   ("--max-new-tokens", self.max_new_tokens, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < least):
+                raise UserError(f"{flag}: must be an integer of at least {least} (got {value!r})")
+        formats = ", ".join(data.PROMPT_FORMATS)
+        if self.prompt_format not in data.PROMPT_FORMATS:
+            raise UserError(f"--prompt-format: unknown {self.prompt_format!r} (expected one of: {formats})")
+        if self.judge_prompt_format != "auto" and self.judge_prompt_format not in data.PROMPT_FORMATS:
+            raise UserError(f"--judge-prompt-format: unknown {self.judge_prompt_format!r} "
+                            f"(expected auto or one of: {formats})")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_items(task: Task, path: str | Path, limit: int | None = None) -> list[Item]:
+    """The task's items from a JSONL file; a record lacking what the task needs names FILE:LINE."""
+    items = []
+    for example in data.read_examples(path, limit=limit):
+        try:
+            items.append(task.to_item(example))
+        except BadExample as e:
+            raise UserError(f"{example.source}: {e}") from None
+    return items
+
+
+def shot_pool(task: Task, shots_data: str | Path | None) -> ShotPool:
+    """Worked examples from --shots-data, else the task's fixed set."""
+    if shots_data is not None:
+        return ShotPool(tuple(load_items(task, shots_data)), str(shots_data))
+    if task.fixed_shots is None:
+        raise UserError(f"task {task.name}: --shots needs --shots-data (the file to take worked "
+                        "examples from)")
+    return task.fixed_shots()
+
+
+def apply_shots(task: Task, items: list[Item], shots: int,
+                shots_data: str | Path | None) -> list[Item]:
+    """The items with `shots` worked examples in front of each question."""
+    if shots == 0:
+        if shots_data is not None:
+            raise UserError(f"--shots-data {shots_data}: given, but --shots is 0 (expected --shots K)")
+        return items
+    if task.add_shots is None:
+        raise UserError(f"task {task.name}: takes no worked examples (expected --shots 0)")
+    pool = shot_pool(task, shots_data)
+    out = []
+    for item in items:
+        try:
+            out.append(task.add_shots(item, pool, shots))
+        except BadExample as e:
+            raise UserError(f"{item.source}: {e}") from None
+    return out
+
+
+def predictions_path(results: str | Path) -> Path:
+    """`RESULTS_DIR/predictions.jsonl` (a predictions file itself is taken as is)."""
+    results = Path(results)
+    return results / PREDICTIONS_FILE if results.is_dir() else results
+
+
+def read_reference(results: str | Path, task: Task, items: list[Item]) -> list[str]:
+    """The other run's output for each item, matched by id."""
+    path = predictions_path(results)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected --reference to be a results folder of "
+                        "`paratransfer evaluate`)")
+    metrics = path.parent / METRICS_FILE
+    if metrics.is_file():
+        other = json.loads(metrics.read_text(encoding="utf-8")).get("task")
+        if other not in (None, task.name):
+            raise UserError(f"{metrics}: a run of task {other!r} (expected task {task.name!r})")
+    outputs: dict[str, str] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not (isinstance(row, dict) and isinstance(row.get("id"), str)
+                    and isinstance(row.get("output"), str)):
+                raise UserError(f'{path}:{lineno}: expected an object with string "id" and "output"')
+            outputs[row["id"]] = row["output"]
+    missing = [item for item in items if item.id not in outputs]
+    if missing:
+        raise UserError(f"{path}: no prediction for id {missing[0].id!r} (of {missing[0].source})"
+                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    return [outputs[item.id] for item in items]
+
+
+def check_unique_ids(items: list[Item]) -> None:
+    """Predictions are matched by id across runs, so ids must not repeat."""
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.id in seen:
+            raise UserError(f"{item.source}: id {item.id!r} repeats {seen[item.id]} (the judge "
+                            "matches predictions by id; expected unique ids)")
+        seen[item.id] = item.source
+
+
+def load_evaluated_model(model_id: str, adapter: str | Path | None, dtype: torch.dtype,
+                         device: torch.device | str):
+    """The model, with a LoRA from `train` applied when given.
+
+    The adapter is loaded with `PeftModel.from_pretrained` and merged in memory: the same
+    weights `paratransfer merge` writes (so both give the same metrics), and no per-token cost
+    of separate LoRA matrices during generation.
+    """
+    model = load_model(model_id, dtype=dtype, device=device)
+    if adapter is None:
+        return model
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no adapter_config.json (expected a LoRA adapter folder, "
+                        "e.g. the run folder of `paratransfer train`)")
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{adapter}: cannot apply the adapter to {model_id} ({first})") from e
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def prompts_for(items: list[Item], tokenizer, prompt_format: str) -> list[str]:
+    """Each item's prompt in the training prompt format, continued by its answer's lead-in."""
+    return [data.render(item.example, tokenizer, prompt_format)[0] + item.answer_prefix
+            for item in items]
+
+
+def answer(task: Task, model, tokenizer, items: list[Item], prompts: list[str],
+           settings: EvalSettings, progress: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """The model's output per item (generated text, or the likeliest choice) and extra fields."""
+    from paratransfer.evaluate.generation import choice_logprobs, generate_greedy
+
+    if task.generates:
+        outputs = generate_greedy(model, tokenizer, prompts, batch_size=settings.batch_size,
+                                  max_new_tokens=max_new_tokens(task, settings),
+                                  progress=progress, desc=task.name)
+        return outputs, [{} for _ in items]
+    scores = choice_logprobs(model, tokenizer, prompts, [item.choices for item in items],
+                             batch_size=settings.batch_size, progress=progress, desc=task.name)
+    outputs, extras = [], []
+    for item, logprobs in zip(items, scores, strict=True):
+        best = max(range(len(logprobs)), key=logprobs.__getitem__)  # ties: the first
+        outputs.append(item.choices[best].strip())
+        extras.append({"choice_logprobs": {c.strip(): lp for c, lp in
+                                           zip(item.choices, logprobs, strict=True)}})
+    return outputs, extras
+
+
+def max_new_tokens(task: Task, settings: EvalSettings) -> int | None:
+    """The generation budget: --max-new-tokens, else the task's default; None without generation."""
+    if not task.generates:
+        return None
+    return settings.max_new_tokens or task.max_new_tokens
+
+
+def score_rows(task: Task, items: list[Item], prompts: list[str], outputs: list[str],
+               extras: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One predictions.jsonl row per item: what was asked, said, parsed, expected and scored."""
+    rows = []
+    for item, prompt, output, extra in zip(items, prompts, outputs, extras, strict=True):
+        scores = task.score(output, item)
+        row = {"id": item.id, "source": item.source}
+        if item.category is not None:
+            row["category"] = item.category
+        row.update(prompt=prompt, output=output, parsed=scores.pop("parsed"), gold=item.gold)
+        rows.append({**row, **scores, **extra})
+    return rows
+
+
+def summarize(task: Task, rows: list[dict[str, Any]], judged: bool) -> dict[str, Any]:
+    """Headline metric, every metric, and per-category headline values when records have one."""
+    names = dict(task.metrics)
+    if judged:
+        names = {"win_rate": "win", **names}  # the paper reports the judged win rate
+    headline = next(iter(names))
+    summary: dict[str, Any] = {
+        "metric": headline,
+        "value": mean([row[names[headline]] for row in rows]),
+        "n": len(rows),
+        "metrics": {name: mean([row[key] for row in rows]) for name, key in names.items()},
+    }
+    by_category: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "category" in row:
+            by_category.setdefault(row["category"], []).append(row)
+    if by_category:
+        summary["per_category"] = {
+            cat: {"n": len(r), headline: mean([x[names[headline]] for x in r])}
+            for cat, r in sorted(by_category.items())}
+    return summary
+
+
+def judge_rows(task: Task, judge: str, items: list[Item], outputs: list[str],
+               reference_outputs: list[str], settings: EvalSettings, dtype: torch.dtype,
+               device: torch.device | str, progress: bool) -> list[dict[str, Any]]:
+    """The judge's verdicts per item (see the task's `compare`)."""
+    judge_model = load_model(judge, dtype=dtype, device=device)
+    judge_tokenizer = load_tokenizer(judge)
+    return task.compare(judge_model, judge_tokenizer, items, outputs, reference_outputs,
+                        prompt_format=settings.judge_prompt_format,
+                        batch_size=settings.batch_size, progress=progress)
+
+
+def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings: EvalSettings, *,
+                 adapter: str | Path | None = None, shots_data: str | Path | None = None,
+                 judge: str | None = None, reference: str | Path | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """`paratransfer evaluate`: write RESULTS_DIR/metrics.json + predictions.jsonl; returns the metrics."""
+    started = time.time()
+    task = get_task(settings.task)
+    refuse_existing(out, overwrite)
+    if (judge is None) != (reference is None):
+        raise UserError("--judge and --reference go together (the judge compares this run's "
+                        "outputs with the reference run's)")
+    if judge is not None and task.compare is None:
+        raise UserError(f"task {task.name}: no pairwise judging (expected --task open)")
+    items = apply_shots(task, load_items(task, data_path, settings.limit), settings.shots,
+                        shots_data)
+    reference_outputs = None
+    if reference is not None:
+        check_unique_ids(items)
+        reference_outputs = read_reference(reference, task, items)
+
+    tokenizer = load_tokenizer(model_id)
+    model = load_evaluated_model(model_id, adapter, dtype, device)
+    prompts = prompts_for(items, tokenizer, settings.prompt_format)
+    outputs, extras = answer(task, model, tokenizer, items, prompts, settings, progress)
+    del model
+    gc.collect()
+    rows = score_rows(task, items, prompts, outputs, extras)
+    if judge is not None:
+        verdicts = judge_rows(task, judge, items, outputs, reference_outputs, settings, dtype,
+                              device, progress)
+        rows = [{**row, **verdict} for row, verdict in zip(rows, verdicts, strict=True)]
+
+    metrics = {
+        "task": task.name,
+        **summarize(task, rows, judged=judge is not None),
+        "model": model_label(model_id),
+        "adapter": model_label(str(adapter)) if adapter is not None else None,
+        "data": str(Path(data_path).resolve()),
+        "data_sha256": data.file_digest(data_path),
+        "settings": {**asdict(settings), "max_new_tokens": max_new_tokens(task, settings),
+                     "shots_data": str(shots_data) if shots_data is not None else None,
+                     "judge": model_label(judge) if judge is not None else None,
+                     "reference": str(predictions_path(reference)) if reference else None,
+                     "dtype": str(dtype).removeprefix("torch."), "device": str(device)},
+        "seconds": round(time.time() - started, 3),
+        "paratransfer_version": __version__,
+    }
+    with atomic_dir(out, overwrite) as tmp:
+        write_json(tmp / METRICS_FILE, metrics)
+        with (tmp / PREDICTIONS_FILE).open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return metrics

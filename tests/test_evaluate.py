@@ -1,0 +1,275 @@
+"""`paratransfer evaluate` end to end: the metrics move with the model (a tiny model trained here
+scores 1.0, a random one chance), `--adapter` equals the merged model, the files and the CLI,
+and the judged win rate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from paratransfer.cli import main
+from paratransfer.data import tokenize_example
+from paratransfer.errors import UserError
+from paratransfer.evaluate import get_task
+from paratransfer.evaluate import open as open_task
+from paratransfer.evaluate.generation import pad
+from paratransfer.evaluate.run import EvalSettings, load_items, run_evaluate
+from paratransfer.tiny import save_tiny, tiny_model
+
+
+def chat(user: str, assistant: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}], **extra}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+#: A tiny synthetic version of each task. MMLU letters are balanced (one of each), so a model
+#: that always picks the same letter scores exactly chance; two answer in each style.
+TASK_RECORDS = {
+    "gsm": [chat(f"What is {a} plus {b}?", f"Answer: {a} + {b} = {a + b}. So the answer is {a + b}.")
+            for a, b in [(2, 3), (7, 5), (12, 9), (4, 30)]],
+    "mmlu": [chat(f"Which is the {w}?\nA. ball\nB. kite\nC. doll\nD. drum\nAnswer:",
+                  letter if i % 2 == 0 else f"The answer is: {letter}", category=cat)
+             for i, (w, letter, cat) in enumerate([("ball", "A", "toys"), ("kite", "B", "toys"),
+                                                   ("doll", "C", "games"), ("drum", "D", "games")])],
+    "super_ni": [chat(f"Capitalize: {w}", w.upper()) for w in ("apple", "river", "stone")],
+}
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tasks")
+    return {task: write_jsonl(root / f"{task}.jsonl", records) for task, records in TASK_RECORDS.items()}
+
+
+def train_until_perfect(model, tokenizer, files: dict[str, Path], max_steps: int = 500) -> bool:
+    """Full-batch AdamW on every task's records, in the prompts evaluation uses, until each answer
+    token is the argmax under teacher forcing (so greedy decoding reproduces every answer)."""
+    examples = []
+    for task, path in files.items():
+        examples += [item.example for item in load_items(get_task(task), path)]
+    tokens = [tokenize_example(ex, tokenizer) for ex in examples]
+    ids, mask = pad([t["input_ids"] for t in tokens], tokenizer.pad_token_id, "right")
+    labels, _ = pad([t["labels"] for t in tokens], -100, "right")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(0)
+    model.train()
+    target = labels[:, 1:]
+    answered = target != -100
+    for _ in range(max_steps):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        if out.loss.item() < 0.05 and (out.logits[:, :-1].argmax(-1)[answered] == target[answered]).all():
+            model.eval()
+            return True
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return False
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer, task_files) -> dict[str, Path]:
+    """`trained` (answers the synthetic tasks perfectly) and `random` (same shape, untrained)."""
+    root = tmp_path_factory.mktemp("eval-models")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model trains faster on one thread
+    try:
+        trained = tiny_model("llama", vocab=len(tokenizer), hidden=64, layers=2, heads=4, seed=0)
+        learned = train_until_perfect(trained, tokenizer, task_files)
+    finally:
+        torch.set_num_threads(threads)
+    assert learned, "the tiny model did not learn the synthetic tasks"
+    untrained = tiny_model("llama", vocab=len(tokenizer), hidden=64, layers=2, heads=4, seed=1)
+    return {"trained": save_tiny(trained, tokenizer, root / "trained"),
+            "random": save_tiny(untrained, tokenizer, root / "random")}
+
+
+def evaluate(model: Path, task: str, data: Path, out: Path, **kwargs) -> dict:
+    settings = EvalSettings(task=task, max_new_tokens=kwargs.pop("max_new_tokens", 48),
+                            batch_size=kwargs.pop("batch_size", 4), shots=kwargs.pop("shots", 0))
+    return run_evaluate(str(model), data, out, settings, progress=False, **kwargs)
+
+
+def predictions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- the metrics move
+
+
+@pytest.mark.parametrize("task, metric, chance", [
+    ("gsm", "exact_match", 0.0), ("mmlu", "accuracy", 0.5), ("super_ni", "exact_match", 0.0)])
+def test_trained_model_scores_one_and_random_model_chance(models, task_files, tmp_path, task,
+                                                         metric, chance):
+    trained = evaluate(models["trained"], task, task_files[task], tmp_path / "trained")
+    untrained = evaluate(models["random"], task, task_files[task], tmp_path / "random")
+    assert (trained["metric"], trained["value"]) == (metric, 1.0)
+    assert untrained["value"] <= chance  # mmlu: 4 balanced letters, chance is 0.25
+    rows = predictions(tmp_path / "trained")
+    assert [r["id"] for r in rows] == [f"{task}-{i}" for i in range(1, len(rows) + 1)]
+    assert all(r["correct" if task != "super_ni" else "exact_match"] for r in rows)
+    if task == "gsm":  # greedy output is the taught answer, stopped at EOS
+        assert [r["output"] for r in rows] == [r["messages"][1]["content"] for r in TASK_RECORDS["gsm"]]
+    if task == "mmlu":
+        assert trained["per_category"] == {"games": {"n": 2, "accuracy": 1.0},
+                                           "toys": {"n": 2, "accuracy": 1.0}}
+        assert rows[1]["prompt"].endswith("<|assistant|>\nThe answer is:")
+        assert set(rows[1]["choice_logprobs"]) == {"A", "B", "C", "D"}
+    if task == "super_ni":
+        assert trained["metrics"]["rougeL"] == 1.0
+
+
+def test_metrics_and_predictions_files(models, task_files, tmp_path):
+    out = tmp_path / "res"
+    m = evaluate(models["trained"], "gsm", task_files["gsm"], out, shots=2, batch_size=2)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == m
+    for key in ("task", "metric", "value", "n", "metrics", "model", "adapter", "settings", "seconds"):
+        assert key in m
+    assert m["n"] == 4 and m["adapter"] is None and m["model"] == str(models["trained"])
+    assert m["settings"]["shots"] == 2 and m["settings"]["max_new_tokens"] == 48
+    row = predictions(out)[0]
+    assert set(row) >= {"id", "prompt", "output", "parsed", "gold", "correct"}
+    assert row["prompt"].count("Question: ") == 3 and row["gold"] == "5"
+    with pytest.raises(UserError, match="already exists"):
+        evaluate(models["trained"], "gsm", task_files["gsm"], out)
+
+
+# --------------------------------------------------------------------------- --adapter
+
+
+@pytest.fixture(scope="module")
+def student_and_adapter(tmp_path_factory, tokenizer):
+    """A tiny student, a random non-zero LoRA on every role (embedding and head included) as
+    `train` would save it, and the merged model as `merge` would write it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapter")
+    student = save_tiny(tiny_model("llama", vocab=len(tokenizer), hidden=32, layers=2, heads=4,
+                                   seed=7), tokenizer, root / "student")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                        "up_proj", "down_proj", "embed_tokens", "lm_head"])
+    peft_model = get_peft_model(tiny_model("llama", vocab=len(tokenizer), hidden=32, layers=2,
+                                           heads=4, seed=7), config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    peft_model.save_pretrained(root / "run", save_embedding_layers=True)
+    base = tiny_model("llama", vocab=len(tokenizer), hidden=32, layers=2, heads=4, seed=7)
+    merged = PeftModel.from_pretrained(base, root / "run").merge_and_unload()
+    return student, root / "run", save_tiny(merged, tokenizer, root / "merged")
+
+
+@pytest.mark.parametrize("task", ["gsm", "mmlu"])
+def test_adapter_on_the_fly_equals_merged_model(student_and_adapter, task_files, tmp_path, task):
+    student, run, merged = student_and_adapter
+    with_adapter = evaluate(student, task, task_files[task], tmp_path / "a", adapter=run,
+                            max_new_tokens=16)
+    from_merged = evaluate(merged, task, task_files[task], tmp_path / "m", max_new_tokens=16)
+    evaluate(student, task, task_files[task], tmp_path / "s", max_new_tokens=16)
+    assert with_adapter["adapter"] == str(run)
+    assert with_adapter["metrics"] == from_merged["metrics"]
+    a, m, s = predictions(tmp_path / "a"), predictions(tmp_path / "m"), predictions(tmp_path / "s")
+    if task == "gsm":
+        assert [r["output"] for r in a] == [r["output"] for r in m]
+        assert [r["output"] for r in a] != [r["output"] for r in s]  # the adapter is applied
+    else:
+        for x, y, z in zip(a, m, s, strict=True):
+            assert x["choice_logprobs"] == pytest.approx(y["choice_logprobs"], abs=1e-5)
+            assert x["choice_logprobs"] != pytest.approx(z["choice_logprobs"], abs=1e-3)
+
+
+def test_adapter_that_does_not_fit_is_a_one_line_error(student_and_adapter, models, task_files, tmp_path):
+    _, run, _ = student_and_adapter
+    with pytest.raises(UserError, match="cannot apply the adapter") as e:
+        evaluate(models["trained"], "gsm", task_files["gsm"], tmp_path / "x", adapter=run)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        evaluate(models["trained"], "gsm", task_files["gsm"], tmp_path / "x", adapter=tmp_path)
+
+
+# --------------------------------------------------------------------------- the judge
+
+
+def test_judge_both_orders(models, tokenizer, tmp_path):
+    judge = tiny_model("llama", vocab=len(tokenizer), hidden=32, layers=2, heads=4, seed=11)
+    items = load_items(get_task("open"), write_jsonl(tmp_path / "o.jsonl", [
+        chat("Tell me about rivers.", "Rivers flow to the sea."),
+        chat("Say hi.", "Hi!"), chat("Name a fruit.", "Apple.")]))
+    ours, theirs = ["Water runs downhill.", "Hello", "pear"], ["The sea is salty.", "Bye", "A car."]
+    forward = open_task.compare(judge, tokenizer, items, ours, theirs, batch_size=4)
+    backward = open_task.compare(judge, tokenizer, items, theirs, ours, batch_size=2)
+    itself = open_task.compare(judge, tokenizer, items, ours, ours)
+    for f, b, s in zip(forward, backward, itself, strict=True):
+        assert f["win"] + b["win"] == 1.0 and s["win"] == 0.5
+        assert f["judge"]["ours_first"] == b["judge"]["reference_first"]
+
+
+def test_evaluate_open_with_judge_and_reference(models, tmp_path):
+    data = write_jsonl(tmp_path / "o.jsonl", [chat("Say hi.", "Hi!"), chat("Name a fruit.", "Apple.")])
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    write_jsonl(reference / "predictions.jsonl",
+                [{"id": "o-2", "output": "A pear."}, {"id": "o-1", "output": "Hello there."}])
+    m = evaluate(models["random"], "open", data, tmp_path / "out", judge=str(models["trained"]),
+                 reference=reference, max_new_tokens=8)
+    assert m["metric"] == "win_rate" and set(m["metrics"]) == {"win_rate", "rougeL"}
+    rows = predictions(tmp_path / "out")
+    assert all(r["win"] in (0.0, 0.5, 1.0) and set(r["judge"]) == {"ours_first", "reference_first"}
+               for r in rows)
+    write_jsonl(reference / "predictions.jsonl", [{"id": "o-2", "output": "A pear."}])
+    with pytest.raises(UserError, match=r"predictions.jsonl: no prediction for id 'o-1' \(of .*o.jsonl:1\)"):
+        evaluate(models["random"], "open", data, tmp_path / "out2", judge=str(models["trained"]),
+                 reference=reference)
+    with pytest.raises(UserError, match="--judge and --reference go together"):
+        evaluate(models["random"], "open", data, tmp_path / "out3", judge=str(models["trained"]))
+    with pytest.raises(UserError, match="task gsm: no pairwise judging"):
+        evaluate(models["random"], "gsm", data, tmp_path / "out4", judge="j", reference=reference)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_evaluate(capsys, models, task_files, tmp_path):
+    out = tmp_path / "cli"
+    argv = ["evaluate", "--model", str(models["trained"]), "--task", "mmlu",
+            "--data", str(task_files["mmlu"]), "--out", str(out), "--quiet", "--batch-size", "3"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"wrote {out}: mmlu accuracy 1.0000 on 4 examples" in stdout
+    assert json.loads((out / "metrics.json").read_text())["settings"]["batch_size"] == 3
+    assert main(argv) == 2  # refuses to overwrite
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--task", "gsm9k"], "unknown task 'gsm9k'"),
+    (["--task", "mmlu", "--data", "{gsm}"], "gsm.jsonl:1: the answer \"Answer: 2 + 3 = 5. So the"),
+    (["--task", "gsm", "--data", "{empty}"], "empty.jsonl: no records"),
+    (["--task", "gsm", "--shots", "-1"], "--shots: must be an integer of at least 0"),
+    (["--task", "super_ni", "--shots", "2"], "task super_ni: takes no worked examples"),
+    (["--task", "gsm", "--prompt-format", "alpaca"], "--prompt-format: unknown 'alpaca'"),
+])
+def test_cli_bad_input_is_one_line_before_any_model_loads(capsys, task_files, tmp_path, args, needle):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = [a.format(gsm=task_files["gsm"], empty=empty) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(task_files["gsm"])]
+    out = tmp_path / "never"
+    code = main(["evaluate", "--model", str(tmp_path / "no-such-model"), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert not out.exists()
+
