@@ -26,6 +26,15 @@ from paratransfer.errors import UserError
 BLOCK_SIZES = [1, 5, align._BLOCK_ELEMENTS]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Matrices here are tiny: a second thread only adds hand-offs (slow on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- brute-force references ----------------------------------------------------------------
 
 
@@ -73,7 +82,7 @@ FLOATS = st.floats(0.0, 1e3, allow_nan=False, allow_infinity=False, width=32)
 # --- window search -------------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(problems(SMALL_INTS))
 def test_best_window_matches_brute_force_with_ties(problem):
     sens, rows, cols, block = problem
@@ -83,7 +92,7 @@ def test_best_window_matches_brute_force_with_ties(problem):
     assert got == where
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(problems(FLOATS))
 def test_best_window_is_a_maximum_for_float_sensitivity(problem):
     sens, rows, cols, block = problem
@@ -164,10 +173,11 @@ def test_sensitivity_must_be_a_matrix(shape):
         best_window(torch.ones(shape), 1, 1)
 
 
-def test_nan_sensitivity_is_a_user_error():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_sensitivity_is_a_user_error(bad):
     sens = torch.ones(4, 4)
-    sens[2, 2] = float("nan")
-    with pytest.raises(UserError, match="NaN"):
+    sens[2, 2] = bad
+    with pytest.raises(UserError, match="NaN or infinite"):
         best_window(sens, 2, 2)
 
 

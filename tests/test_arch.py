@@ -9,23 +9,91 @@ from paratransfer.arch import ROLES, arch_for, parse_roles, supported_model_type
 from paratransfer.errors import UserError
 from paratransfer.tiny import tiny_model
 
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3"]
+FUSED = [("gpt2", "attn.c_attn"), ("gpt_neox", "attention.query_key_value"),
+         ("phi3", "self_attn.qkv_proj"), ("phi3", "mlp.gate_up_proj")]
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
+
+def _tiny(family: str, layers: int = 2):
+    kv_heads = None if family == "gpt_neox" else 2  # GPT-NeoX has no grouped-query attention
+    return tiny_model(family, vocab=40, hidden=16, layers=layers, heads=4, kv_heads=kv_heads, mlp=24)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_module_is_where_the_spec_says(family):
-    model = tiny_model(family, vocab=40, hidden=16, layers=2, heads=4, kv_heads=2, mlp=24)
+    model = _tiny(family)
     arch = arch_for(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     assert arch.num_layers(model) == 2
+    assert arch.count_layers(n for n, _ in model.named_parameters()) == 2
     for spec in arch.modules():
         for layer in ([0, 1] if spec.in_layer else [None]):
             name = spec.param_name(arch.layers, layer)
             assert name in params, name
             assert spec.module_name(arch.layers, layer) in modules
             linear = spec.to_linear(params[name])
-            rows = arch.role_rows(spec, model.config, tuple(linear.shape))
-            assert sum(size for _, size in rows.values()) == linear.shape[0]
+            sizes = arch.role_sizes(spec, model.config, tuple(linear.shape))
+            assert sum(sizes.values()) == linear.shape[0]
+            assert {r: tuple(p.shape) for r, p in arch.split(spec, model.config, linear).items()} \
+                == {r: (n, linear.shape[1]) for r, n in sizes.items()}
             assert spec.from_linear(linear).data_ptr() == params[name].data_ptr()
+
+
+@pytest.mark.parametrize("family,path", FUSED)
+def test_split_then_fuse_is_the_identity(family, path):
+    model = _tiny(family, layers=1)
+    arch = arch_for(model)
+    spec = next(m for m in arch.layer_modules if m.path == path)
+    stored = dict(model.named_parameters())[spec.param_name(arch.layers, 0)]
+    matrix = spec.to_linear(stored).detach()
+    parts = arch.split(spec, model.config, matrix)
+    assert list(parts) == list(spec.roles)
+    assert torch.equal(arch.fuse(spec, model.config, parts), matrix)
+    # and fuse then split: distinct values per role come back in place
+    marked = {r: torch.full_like(p, float(i)) + torch.arange(p.numel()).reshape(p.shape) / 1e4
+              for i, (r, p) in enumerate(parts.items())}
+    again = arch.split(spec, model.config, arch.fuse(spec, model.config, marked))
+    assert all(torch.equal(again[r], marked[r]) for r in spec.roles)
+
+
+def test_gpt_neox_split_matches_the_model_computation():
+    """q, k, v split out of the per-head interleaved `query_key_value` are what attention uses."""
+    model = _tiny("gpt_neox", layers=1)
+    arch = arch_for(model)
+    spec = arch.layer_modules[0]
+    layer = model.gpt_neox.layers[0].attention.query_key_value
+    x = torch.randn(3, 16)
+    heads, size = 4, 4
+    q, k, v = layer(x).view(3, heads, 3 * size).chunk(3, dim=-1)  # as GPTNeoXAttention does
+    weights = arch.split(spec, model.config, layer.weight)
+    biases = arch.split(spec, model.config, layer.bias[:, None])
+    for role, want in zip("qkv", (q, k, v), strict=True):
+        got = x @ weights[role].T + biases[role][:, 0]
+        torch.testing.assert_close(got, want.reshape(3, heads * size))
+
+
+def test_phi3_split_matches_the_model_computation():
+    model = _tiny("phi3", layers=1)  # 4 heads, 2 key/value heads, head width 4
+    arch = arch_for(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(3, 16)
+    qkv = arch.split(arch.layer_modules[0], model.config, attn.qkv_proj.weight)
+    out = attn.qkv_proj(x)
+    for role, (lo, hi) in zip("qkv", ((0, 16), (16, 24), (24, 32)), strict=True):
+        torch.testing.assert_close(x @ qkv[role].T, out[:, lo:hi])
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)  # as Phi3MLP does
+    parts = arch.split(arch.layer_modules[2], model.config, mlp.gate_up_proj.weight)
+    torch.testing.assert_close(x @ parts["gate"].T, gate)
+    torch.testing.assert_close(x @ parts["up"].T, up)
+
+
+@pytest.mark.parametrize("family,heads", [("llama", (4, 2, 4)), ("gpt2", (4, 4, 4)),
+                                          ("gpt_neox", (4, 4, 4)), ("phi3", (4, 2, 4))])
+def test_head_layout_from_config(family, heads):
+    model = _tiny(family, layers=1)
+    h = arch_for(model).heads(model.config)
+    assert (h.heads, h.kv_heads, h.head_dim) == heads
 
 
 def test_llama_gqa_sizes_come_from_weights():

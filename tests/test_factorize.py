@@ -14,6 +14,15 @@ from paratransfer.errors import UserError
 from paratransfer.factorize import FACTORIZERS, Factors, factorize
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Matrices here are tiny: a second thread only adds hand-offs (slow on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def truncated_svd(w: torch.Tensor, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-r approximation and all singular values, independently via numpy float64."""
     u, s, vt = np.linalg.svd(w.to(torch.float64).numpy(), full_matrices=False)
@@ -174,3 +183,19 @@ def test_non_matrix_and_non_finite_blocks_are_user_errors():
     w[1, 1] = float("inf")
     with pytest.raises(UserError, match="infinite"):
         factorize(w, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_blocks_are_user_errors(bad):
+    w = torch.randn(6, 5)
+    w[4, 2] = bad
+    with pytest.raises(UserError, match="NaN or infinite"):
+        factorize(w, 2, "randomized")
+
+
+def test_huge_finite_values_are_not_mistaken_for_infinite():
+    # float32 ||W||² overflows here although every entry is finite
+    w = torch.randn(20, 12, generator=torch.Generator().manual_seed(0)) * 1e20
+    f = factorize(w, 3)
+    _, s = truncated_svd(w, 3)
+    assert f.energy == pytest.approx(float((s[:3] ** 2).sum() / (s**2).sum()), rel=1e-5)

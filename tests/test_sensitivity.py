@@ -100,3 +100,15 @@ def teacher_tokenizer(path):
     from paratransfer.models import load_tokenizer
 
     return load_tokenizer(path)
+
+
+def test_accumulating_in_two_calls_equals_one(model_pairs, seeds_file, tokenizer):
+    """Accumulators passed back in keep their sums (the hooks work on Σ|g| internally)."""
+    teacher = load_model(str(model_pairs["gpt2"][0]))
+    samples = data.load_tokenized(seeds_file, tokenizer)
+    once, _ = accumulate_sensitivity(teacher, samples)
+    part, n1 = accumulate_sensitivity(teacher, samples[:2])
+    both, n2 = accumulate_sensitivity(teacher, samples[2:], accumulators=part)
+    assert n1 + n2 == len(samples)
+    for name in once:
+        torch.testing.assert_close(both[name], once[name], rtol=1e-5, atol=1e-12)

@@ -104,8 +104,8 @@ def best_window(sens: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:
     sums = window_sums(sens, rows, cols)
     flat = sums.view(-1)
     index = int(torch.argmax(flat))  # argmax returns the first maximum, i.e. row-major ties
-    if math.isnan(float(flat[index])):
-        raise UserError("sensitivity contains NaN: cannot rank teacher blocks")
+    if not math.isfinite(float(flat[index])):
+        raise UserError("sensitivity contains NaN or infinite values: cannot rank teacher blocks")
     return divmod(index, sums.shape[1])
 
 
@@ -192,6 +192,48 @@ REDUCERS: dict[str, Reducer] = {
 }
 
 
+# --- head-aware windows --------------------------------------------------------------------
+
+
+def best_window_aligned(sens: torch.Tensor, rows: int, cols: int, row_unit: int = 1,
+                        col_unit: int = 1) -> tuple[int, int]:
+    """`best_window` over the corners that lie on multiples of (row_unit, col_unit) only.
+
+    With a unit that divides both the teacher dimension and the block size, the block starts
+    and ends on unit boundaries (attention heads, for `window-heads`). Ties -> first row-major.
+    """
+    _check_shapes(sens, rows, cols)
+    m, n = sens.shape
+    for unit, size, full, what in ((row_unit, rows, m, "rows"), (col_unit, cols, n, "columns")):
+        if unit < 1 or size % unit or full % unit:
+            raise UserError(f"cannot align a block of {size} {what} to units of {unit} in a "
+                            f"teacher matrix of {full} {what}")
+    sums = window_sums(sens, rows, cols)[::row_unit, ::col_unit].contiguous()
+    flat = sums.view(-1)
+    index = int(torch.argmax(flat))
+    if not math.isfinite(float(flat[index])):
+        raise UserError("sensitivity contains NaN or infinite values: cannot rank teacher blocks")
+    i, j = divmod(index, sums.shape[1])
+    return i * row_unit, j * col_unit
+
+
+def reduce_window_heads(sens: torch.Tensor, rows: int, cols: int, row_unit: int = 1,
+                        col_unit: int = 1) -> Selection:
+    """`--reduce window-heads`: the most sensitive block whose sides lie on head boundaries.
+
+    The caller gives the units (the teacher's head width along the dimension that holds heads,
+    1 along the other); `extract` works them out from both models' head layouts.
+    """
+    return _contiguous(*best_window_aligned(sens, rows, cols, row_unit, col_unit), rows, cols)
+
+
+#: Reductions that need the attention-head layout (so not in REDUCERS, whose entries take only
+#: the sensitivity and the block size); used for q, k, v, o, and as `window` elsewhere.
+HEAD_AWARE_REDUCERS: dict[str, Callable[..., Selection]] = {"window-heads": reduce_window_heads}
+#: Every name `--reduce` accepts.
+REDUCTIONS: tuple[str, ...] = (*REDUCERS, *HEAD_AWARE_REDUCERS)
+
+
 def _generator(seed: int) -> torch.Generator:
     """A private CPU generator, so random strategies never touch the global RNG."""
     return torch.Generator().manual_seed(seed)
@@ -206,9 +248,15 @@ def _lookup(registry: dict[str, Callable], kind: str, strategy: str) -> Callable
         raise UserError(f"unknown {kind} strategy {strategy!r}; known: {known}") from None
 
 
-def reduce(strategy: str, sens: torch.Tensor, rows: int, cols: int, seed: int = 0) -> Selection:
-    """Pick the student-sized [rows, cols] part of a teacher matrix by the named strategy."""
-    reducer = _lookup(REDUCERS, "reduction", strategy)
+def reduce(strategy: str, sens: torch.Tensor, rows: int, cols: int, seed: int = 0,
+           units: tuple[int, int] = (1, 1)) -> Selection:
+    """Pick the student-sized [rows, cols] part of a teacher matrix by the named strategy.
+
+    `units` (row, column) matter only to head-aware strategies: block corners on multiples.
+    """
+    if strategy in HEAD_AWARE_REDUCERS:
+        return HEAD_AWARE_REDUCERS[strategy](sens, rows, cols, *units)
+    reducer = _lookup({**REDUCERS, **HEAD_AWARE_REDUCERS}, "reduction", strategy)
     return reducer(sens, rows, cols, _generator(seed))
 
 

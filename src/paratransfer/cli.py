@@ -36,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher model folder or hub id")
     p.add_argument("--seeds", required=True, help="seed examples (JSONL)")
     p.add_argument("--out", required=True, help="sensitivity file to write (.safetensors)")
+    p.add_argument("--device-map", default=None,
+                   help="spread a teacher too big for one device over all of them with accelerate "
+                        "(auto|balanced|sequential); weights in --dtype, fp32 sums beside them")
+    p.add_argument("--stream", action="store_true",
+                   help="never hold the whole teacher: read one layer at a time from its "
+                        "safetensors files (a local folder)")
+    p.add_argument("--offload-dir", default=None,
+                   help="with --stream: folder for kept activations that don't fit in memory "
+                        "(default: beside --out)")
     _add_seed_data(p)
     _add_common(p)
     p.set_defaults(func=_cmd_sensitivity)
@@ -51,20 +60,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16; scale alpha/r)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout recorded in the adapter")
     p.add_argument("--layers", default="sensitivity", help="sensitivity|first|last|uniform|random")
-    p.add_argument("--reduce", default="window", help="window|rows-cols|first|random")
+    p.add_argument("--reduce", default="window",
+                   help="window|window-heads|rows-cols|first|random (window-heads: q/k/v/o "
+                        "blocks start and end on attention-head boundaries)")
     p.add_argument("--modules", default="embed,attn,mlp,head",
                    help="groups (embed,attn,mlp,head) or roles (q,k,v,o,gate,up,down)")
     p.add_argument("--svd", default="exact", help="exact|randomized")
     p.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
+    p.add_argument("--min-vocab-coverage", type=float, default=0.5,
+                   help="refuse embed/head when fewer of the student's tokens are found in the "
+                        "teacher's vocabulary (default 0.5)")
+    p.add_argument("--allow-pad", action="store_true",
+                   help="zero-pad teacher matrices narrower than the student's instead of refusing")
     _add_seed_data(p)
     _add_common(p)
     p.set_defaults(func=_cmd_extract)
-
     from paratransfer import cli_train; cli_train.register(sub)  # noqa: E702, I001
     from paratransfer import cli_evaluate; cli_evaluate.register(sub)  # noqa: E702, I001
 
-    p = sub.add_parser("demo", help="a small end-to-end run on tiny models built offline")
-    p.add_argument("--out", default=None, help="folder for the demo's outputs (default: a temp folder)")
+    p = sub.add_parser("run", help="a whole experiment from a recipe: arms x seeds, results table")
+    p.add_argument("recipe", help="recipe file (YAML)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/RECIPE_NAME)")
+    p.add_argument("--resume", action="store_true", help="continue a run, skipping finished steps")
+    p.add_argument("--overwrite", action="store_true", help="start again in an existing run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="the paper's experiment in miniature, offline on a CPU")
+    p.add_argument("--out", default="out/demo", help="folder for the demo's outputs (default: out/demo)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -80,10 +103,15 @@ def _cmd_sensitivity(args) -> int:
     from paratransfer.pipeline import SensitivitySettings, run_sensitivity
 
     settings = SensitivitySettings(args.prompt_format, args.max_length, args.max_samples)
+    if args.offload_dir is not None and not args.stream:
+        raise UserError("--offload-dir: only used with --stream")
     device, dtype = _devices(args)
     meta = run_sensitivity(args.teacher, args.seeds, args.out, settings, dtype, device,
-                           overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {args.out}: {meta['samples']} samples, teacher {meta['teacher']}")
+                           overwrite=args.overwrite, progress=not args.quiet,
+                           device_map=args.device_map, stream=args.stream,
+                           offload_dir=args.offload_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line under torchrun, from the writer
+        print(f"wrote {args.out}: {meta['samples']} samples, teacher {meta['teacher']}")
     return 0
 
 
@@ -93,7 +121,9 @@ def _cmd_extract(args) -> int:
 
     settings = ExtractSettings(rank=args.rank, alpha=args.alpha, layers=args.layers,
                                reduce=args.reduce, modules=tuple(args.modules.split(",")),
-                               svd=args.svd, seed=args.seed, dropout=args.dropout)
+                               svd=args.svd, seed=args.seed, dropout=args.dropout,
+                               min_vocab_coverage=args.min_vocab_coverage,
+                               allow_pad=args.allow_pad)
     sens_settings = SensitivitySettings(args.prompt_format, args.max_length, args.max_samples)
     device, dtype = _devices(args)
     report = run_extract(args.teacher, args.student, args.out, settings, seeds=args.seeds,
@@ -101,6 +131,12 @@ def _cmd_extract(args) -> int:
                          dtype=dtype, device=device, force=args.force, overwrite=args.overwrite,
                          progress=not args.quiet)
     print(summarize_extraction(report, args.out))
+    vocab = report.get("vocabulary")
+    if vocab and not vocab.get("identical"):
+        print(f"vocabulary: {vocab['matched']} of the student's {vocab['student_vocab_size']} "
+              f"tokens found in the teacher's ({vocab['coverage']:.1%}); the rest get zero rows")
+    for p in report.get("padded", []):
+        print(f"zero-padded {p['name']} ({p['role']}): {p['rows']} rows, {p['cols']} columns")
     return 0
 
 
@@ -117,6 +153,20 @@ def summarize_extraction(report: dict, out) -> str:
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['role']}: {s['reason']}")
     return "\n".join(lines)
+
+
+def _cmd_run(args) -> int:
+    from paratransfer.experiment import run_experiment
+    from paratransfer.recipe import load_recipe
+    from paratransfer.results import to_markdown
+
+    recipe = load_recipe(args.recipe)
+    out = args.out or f"runs/{recipe.name}"
+    result = run_experiment(recipe, out, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.quiet)
+    print(to_markdown(result))
+    print(f"outputs in {out}")
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -136,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted (outputs are renamed into place only when complete; a training run or "
+              "experiment continues with --resume)", file=sys.stderr)
         return 130
 
 

@@ -6,6 +6,7 @@ W ~= B @ A with B = U_r Σ_r [m, r] and A = V_rᵀ [r, n]: the best rank-r appro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,9 +73,25 @@ def _check(block: torch.Tensor, rank: int, method: str) -> Factorizer:
     return FACTORIZERS[method]
 
 
-def _energy(block: torch.Tensor, singular_values: torch.Tensor) -> float:
+def _squared_norm(block: torch.Tensor) -> float:
+    """||W||_F², which also screens the block for NaN/inf in the same single pass.
+
+    Computed in the block's dtype (a float64-accumulating norm of float32 is ~6x slower here)
+    and redone in float64 only if float32 overflowed on finite values.
+    """
+    norm = float(torch.linalg.vector_norm(block))
+    if not math.isfinite(norm):
+        if not bool(torch.isfinite(block).all()):
+            m, n = block.shape
+            raise UserError(
+                f"cannot factorize a [{m}, {n}] block containing NaN or infinite values"
+            )
+        norm = float(torch.linalg.vector_norm(block, dtype=torch.float64))
+    return norm * norm
+
+
+def _energy(total: float, singular_values: torch.Tensor) -> float:
     """Share of the block's squared Frobenius norm kept by the kept singular values."""
-    total = float(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2)
     if total == 0.0:
         return 1.0
     kept = float((singular_values.to(torch.float64) ** 2).sum())
@@ -90,14 +107,10 @@ def factorize(block: torch.Tensor, rank: int, method: str = "exact", seed: int =
     factorizer = _check(block, rank, method)
     out_dtype = block.dtype if block.is_floating_point() else torch.float32
     work = block.to(torch.float64 if block.dtype == torch.float64 else torch.float32)
-    if not bool(torch.isfinite(work).all()):
-        raise UserError(
-            f"cannot factorize a [{block.shape[0]}, {block.shape[1]}] block "
-            "containing NaN or infinite values"
-        )
+    total = _squared_norm(work)
     u, s, v = factorizer(work, rank, seed)
     return Factors(
         B=(u * s).to(out_dtype).contiguous(),
         A=v.mT.to(out_dtype).contiguous(),
-        energy=_energy(work, s),
+        energy=_energy(total, s),
     )

@@ -44,6 +44,57 @@ def char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
     return fast
 
 
+#: Special tokens of `marker_tokenizer`: another naming than `char_tokenizer`'s for BOS/EOS.
+MARKER_SPECIAL_TOKENS = ["<unk>", "<pad>", "<|begin|>", "<|endoftext|>", "<|user|>",
+                         "<|assistant|>", "<|system|>"]
+
+
+def marker_tokenizer(
+    alphabet: str = DEFAULT_ALPHABET,
+    *,
+    marker: str = "▁",
+    words: tuple[str, ...] = (),
+    marked: str = "",
+    byte_tokens: tuple[int, ...] = (),
+    extra_tokens: tuple[str, ...] = (),
+):
+    """A word/character-level tokenizer whose vocabulary overlaps `char_tokenizer`'s.
+
+    Spaces become `marker` (`▁` like SentencePiece, or `Ġ`), so a space joins the character or
+    word after it: `marker + c` for each c in `marked`, `marker + w` for each word. The
+    vocabulary also holds the single characters of `alphabet`, SentencePiece-style
+    byte-fallback tokens `<0xNN>` for `byte_tokens` and any `extra_tokens`; EOS is
+    `<|endoftext|>`. Encoding prefers listed words, then a marked character, then a single
+    character (unknown ones map to `<unk>`). Built offline, for vocabulary-alignment tests.
+    """
+    import re
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(MARKER_SPECIAL_TOKENS)}
+    pieces = [*sorted(set(alphabet) - {" "}), marker, *(marker + c for c in marked),
+              *(marker + w for w in words), *(f"<0x{b:02X}>" for b in byte_tokens), *extra_tokens]
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    longest_first = sorted((marker + w for w in words), key=len, reverse=True)
+    marked_chars = [marker + c for c in sorted(set(marked))]
+    pattern = "|".join([*map(re.escape, [*longest_first, *marked_chars]), "[\\s\\S]"])
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", marker)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace(marker, " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<|begin|>",
+        eos_token="<|endoftext|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+
+
 def _llama_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int):
     from transformers import LlamaConfig
 
@@ -84,11 +135,38 @@ def _gpt2_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int
     )
 
 
+def _gpt_neox_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int):
+    from transformers import GPTNeoXConfig
+
+    if kv_heads != heads:
+        raise ValueError("GPT-NeoX has no grouped-query attention (kv_heads must equal heads)")
+    return GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=2048, tie_word_embeddings=False,
+        pad_token_id=1, bos_token_id=2, eos_token_id=3, attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
+
+
+def _phi3_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int):
+    from transformers import Phi3Config
+
+    # Phi3Config's default pad_token_id (32000) is outside a tiny vocabulary (docs/FACTS.md).
+    return Phi3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        original_max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=1,
+        bos_token_id=2, eos_token_id=3,
+    )
+
+
 CONFIG_BUILDERS = {
     "llama": _llama_config,
     "qwen2": _qwen2_config,
     "mistral": _mistral_config,
     "gpt2": _gpt2_config,
+    "gpt_neox": _gpt_neox_config,
+    "phi3": _phi3_config,
 }
 
 

@@ -2,7 +2,9 @@
 
 A *role* is one of q, k, v, o (attention), gate, up, down (MLP), embed and head. A
 *module* is one weight matrix of the model that PEFT can wrap with LoRA; a fused module
-(GPT-2's `c_attn`) holds several roles stacked along its output rows.
+(GPT-2's `c_attn`, Phi-3's `qkv_proj`) holds several roles along its output rows, stacked or
+interleaved as its `FusedLayout` says. Roles, not names, connect two families: a teacher role
+is split out of whatever matrix holds it and fused into wherever the student keeps it.
 
 Matrices are always handled in `nn.Linear` orientation `[out, in]`: Conv1D weights (stored
 `[in, out]`) are transposed, and the token embedding `[vocab, d]` is handled as `[d, vocab]`,
@@ -12,7 +14,7 @@ model's config, never from a table of model sizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,10 @@ class ModuleSpec:
 #: Computes the output-row sizes of a fused module's roles from the model config and the
 #: module's `[out, in]` shape.
 SizeRule = Callable[[object, tuple[int, int]], tuple[int, ...]]
+#: (config, `[out, in]` matrix, role row sizes) -> one `[size, in]` matrix per role, in role order.
+SplitFn = Callable[[object, torch.Tensor, tuple[int, ...]], list[torch.Tensor]]
+#: (config, one `[size, in]` matrix per role) -> the fused `[out, in]` matrix; inverse of SplitFn.
+FuseFn = Callable[[object, Sequence[torch.Tensor]], torch.Tensor]
 
 
 def equal_split(config: object, shape: tuple[int, int], parts: int) -> tuple[int, ...]:
@@ -90,6 +96,51 @@ def equal_split(config: object, shape: tuple[int, int], parts: int) -> tuple[int
     if shape[0] % parts:
         raise UserError(f"fused matrix of shape {list(shape)} does not split into {parts} parts")
     return (shape[0] // parts,) * parts
+
+
+def split_stacked(config: object, matrix: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Roles one after another along the rows ([q | k | v]): views of the matrix."""
+    return list(matrix.split(list(sizes), dim=0))
+
+
+def fuse_stacked(config: object, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `split_stacked`."""
+    return torch.cat(list(parts), dim=0)
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """How a fused module's roles share its output rows; `split` and `fuse` are inverses.
+
+    `sizes` gives each role's row count (None: equal parts); `contiguous` says whether each
+    role's rows form one range (stacked) so that `ArchSpec.role_rows` can name them.
+    """
+
+    sizes: SizeRule | None = None
+    split: SplitFn = split_stacked
+    fuse: FuseFn = fuse_stacked
+    contiguous: bool = True
+
+
+STACKED = FusedLayout()
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Attention heads of a model: query heads, key/value heads (grouped-query), head width."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def config_heads(config: object) -> HeadLayout:
+    """Head counts from a Hugging Face config (the common attribute names, GPT-2's mapped)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(config.num_attention_heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return HeadLayout(heads, int(kv_heads), int(head_dim))
 
 
 @dataclass(frozen=True)
@@ -102,7 +153,8 @@ class ArchSpec:
     embed: ModuleSpec
     head: ModuleSpec
     layer_modules: tuple[ModuleSpec, ...]
-    fused_sizes: dict[str, SizeRule] = field(default_factory=dict)
+    fused: dict[str, FusedLayout] = field(default_factory=dict)  # by path; default STACKED
+    head_layout: Callable[[object], HeadLayout] = config_heads
 
     def modules(self) -> tuple[ModuleSpec, ...]:
         """Every module spec: embed, the per-layer ones, head."""
@@ -116,20 +168,61 @@ class ArchSpec:
     def roles(self) -> set[str]:
         return {r for m in self.modules() for r in m.roles}
 
-    def role_rows(self, module: ModuleSpec, config: object, shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
-        """Each role's `(first row, row count)` inside the module's `[out, in]` matrix."""
+    def module_for(self, role: str) -> ModuleSpec | None:
+        """The module that holds `role` (None when the family has no such role)."""
+        return next((m for m in self.modules() if role in m.roles), None)
+
+    def layout(self, module: ModuleSpec) -> FusedLayout:
+        return self.fused.get(module.path, STACKED)
+
+    def role_sizes(self, module: ModuleSpec, config: object, shape: tuple[int, int]) -> dict[str, int]:
+        """Each role's row count inside the module's `[out, in]` matrix."""
         if not module.fused:
-            return {module.roles[0]: (0, shape[0])}
-        rule = self.fused_sizes.get(module.path)
+            return {module.roles[0]: shape[0]}
+        rule = self.layout(module).sizes
         sizes = rule(config, shape) if rule else equal_split(config, shape, len(module.roles))
+        if sum(sizes) != shape[0]:
+            raise UserError(f"{module.path}: the config gives role sizes {list(sizes)}, but the "
+                            f"matrix has {shape[0]} rows")
+        return dict(zip(module.roles, sizes, strict=True))
+
+    def role_rows(self, module: ModuleSpec, config: object, shape: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        """Each role's `(first row, row count)` inside the module's `[out, in]` matrix.
+
+        Only for layouts whose roles are row ranges; use `split` for any layout.
+        """
+        if module.fused and not self.layout(module).contiguous:
+            raise ValueError(f"{module.path}: roles are interleaved, not row ranges (use split)")
         out, start = {}, 0
-        for role, size in zip(module.roles, sizes, strict=True):
+        for role, size in self.role_sizes(module, config, shape).items():
             out[role] = (start, size)
             start += size
         return out
 
+    def split(self, module: ModuleSpec, config: object, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A module's `[out, in]` matrix (or its sensitivity) -> each role's `[rows, in]` part."""
+        if not module.fused:
+            return {module.roles[0]: matrix}
+        sizes = tuple(self.role_sizes(module, config, tuple(matrix.shape)).values())
+        parts = self.layout(module).split(config, matrix, sizes)
+        return dict(zip(module.roles, parts, strict=True))
+
+    def fuse(self, module: ModuleSpec, config: object, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of `split`: each role's part -> the module's `[out, in]` matrix."""
+        if not module.fused:
+            return parts[module.roles[0]]
+        return self.layout(module).fuse(config, [parts[r] for r in module.roles])
+
+    def heads(self, config: object) -> HeadLayout:
+        """Query heads, key/value heads and head width, from the config."""
+        return self.head_layout(config)
+
     def num_layers(self, model: torch.nn.Module) -> int:
         return len(model.get_submodule(self.layers))
+
+    def count_layers(self, names: Iterable[str]) -> int:
+        """The decoder-layer count implied by parameter names (no module needed)."""
+        return 1 + max((i for i in map(self.layer_of, names) if i is not None), default=-1)
 
     def layer_of(self, param_name: str) -> int | None:
         """The decoder-layer index a parameter name lies in, or None."""
