@@ -1,34 +1,84 @@
-"""The built-in demo: an end-to-end extraction on tiny models built offline.
+"""The built-in demo (`paratransfer demo`, `make demo`): the paper's experiment in miniature,
+offline on a CPU.
 
-It builds a character tokenizer, a deeper and wider teacher and a smaller student (random
-weights, fixed seeds), writes a small seed set of arithmetic questions, computes the teacher's
-sensitivity and extracts an adapter for the student, then prints what was selected.
+A task family generated here (two-step arithmetic word problems with worked answers, GSM-like)
+with seed / train / test splits; a character tokenizer; a teacher (Llama architecture, deeper
+and wider) trained on the task family until it is competent; a smaller student trained on a
+related but weaker family (one-step problems) so that it is clearly worse. Both are built
+deterministically and cached under the user's cache folder, rebuilt only when missing. Then the
+recipe runs: transfer vs lora and one ablation over three seeds, and the table is printed as it
+comes out — whether or not transfer helps at this scale.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from paratransfer.tiny import char_tokenizer, save_tiny, tiny_model
+import torch
+
+DEMO_VERSION = "2"
+NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
+THINGS = ["pens", "cups", "eggs", "keys", "hats", "jars", "maps", "nuts"]
+
+#: The two models, as (tiny_model kwargs, pretraining steps, peak learning rate).
+TEACHER = (dict(hidden=64, layers=4, heads=4, kv_heads=2, mlp=176, seed=1), 700, 3e-3)
+STUDENT = (dict(hidden=48, layers=2, heads=4, kv_heads=2, mlp=128, seed=2), 400, 3e-3)
+PRETRAIN_BATCH = 64
+
+#: The recipe the demo runs (same keys as any recipe file; the paths are filled in).
+DEMO_RECIPE = {
+    "name": "demo",
+    "seeds": [1, 2, 3],
+    "arms": {"transfer": {}, "lora": {"init": "standard"}, "rows-cols": {"reduce": "rows-cols"}},
+    "rank": 8, "alpha": 16, "dropout": 0.0, "max_length": 256, "max_samples": 32,
+    "epochs": 1, "max_steps": 300, "lr": 2e-3, "batch_size": 16, "micro_batch_size": 16,
+    "checkpoint_every": 100, "eval_batch_size": 50, "max_new_tokens": 48, "limit": 100,
+    "dtype": "float32",
+}
 
 
-def arithmetic_records(n: int, seed: int = 0) -> list[dict]:
-    """GSM-like chat records: a short word problem and a worked answer."""
+# --------------------------------------------------------------------------- the task family
+
+
+def two_step(rng: random.Random) -> tuple[str, str]:
+    """The task: gain then loss, answered with a worked solution ending in the number."""
+    a, b = rng.randint(10, 59), rng.randint(10, 39)
+    c = rng.randint(1, a + b - 1)
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    q = f"{name} has {a} {thing}, gets {b} more and gives away {c}. How many {thing} now?"
+    return q, f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. So the answer is {a + b - c}."
+
+
+def one_step(rng: random.Random) -> tuple[str, str]:
+    """The student's weaker, related family: a gain only."""
+    a, b = rng.randint(10, 59), rng.randint(10, 39)
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    q = f"{name} has {a} {thing} and gets {b} more. How many {thing} now?"
+    return q, f"{a} + {b} = {a + b}. So the answer is {a + b}."
+
+
+def arithmetic_records(n: int, seed: int = 0,
+                       family: Callable[[random.Random], tuple[str, str]] = two_step,
+                       prefix: str = "arith") -> list[dict]:
+    """`n` chat records of a task family, deterministic for a seed, in the GSM chat records'
+    format (so the demo's models are asked exactly what `evaluate --task gsm` asks)."""
+    from paratransfer.evaluate.gsm import INSTRUCTION
+
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        records.append({
-            "id": f"arith-{i}",
-            "messages": [
-                {"role": "user", "content": f"Tom has {a} apples and buys {b} more. "
-                                            "How many apples does he have?"},
-                {"role": "assistant", "content": f"{a} + {b} = {a + b}. So the answer is {a + b}."},
-            ],
-        })
+        q, a = family(rng)
+        records.append({"id": f"{prefix}-{i}", "messages": [
+            {"role": "user", "content": f"{INSTRUCTION}Question: {q}"},
+            {"role": "assistant", "content": f"Answer: {a}"}]})
     return records
 
 
@@ -37,28 +87,164 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def run_demo(out: str | Path | None = None) -> dict:
-    """Build the tiny pair, run sensitivity + extraction, print the summary; return the report."""
-    from paratransfer.cli import summarize_extraction
-    from paratransfer.extract import ExtractSettings
-    from paratransfer.pipeline import SensitivitySettings, run_extract
+# --------------------------------------------------------------------------- building the pair
 
-    root = Path(out) if out else Path(tempfile.mkdtemp(prefix="paratransfer-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer = char_tokenizer()
-    teacher_dir = save_tiny(tiny_model("llama", vocab=len(tokenizer), hidden=64, layers=6,
-                                       heads=8, kv_heads=4, mlp=160, seed=1),
-                            tokenizer, root / "teacher")
-    student_dir = save_tiny(tiny_model("llama", vocab=len(tokenizer), hidden=48, layers=4,
-                                       heads=6, kv_heads=2, mlp=112, seed=2),
-                            tokenizer, root / "student")
-    seeds = write_jsonl(root / "seeds.jsonl", arithmetic_records(32))
-    print(f"demo: teacher {teacher_dir} (6 layers, 64 wide), student {student_dir} "
-          "(4 layers, 48 wide)")
-    report = run_extract(str(teacher_dir), str(student_dir), root / "adapter",
-                         ExtractSettings(rank=8, alpha=8), seeds=seeds,
-                         sens_settings=SensitivitySettings(), overwrite=True)
-    print(summarize_extraction(report, root / "adapter"))
-    scores = ", ".join(f"{s:.3g}" for s in report["layer_scores"])
-    print(f"teacher layer scores: {scores}")
-    return report
+
+#: Words (with their leading space), single digits, punctuation and lone whitespace: about a
+#: third of the tokens a character tokenizer needs for the same text, so training is faster.
+WORD_PATTERN = r" ?[A-Za-z]+|\d| ?[^\sA-Za-z\d]|\s"
+
+
+def demo_tokenizer(texts: list[str]):
+    """A small word-level tokenizer built from the task family's text (offline, deterministic).
+
+    Numbers are split into digits, so every number can be written; text outside the family
+    maps to <unk>.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from paratransfer.tiny import SPECIAL_TOKENS
+
+    split = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")
+    pieces = {p for t in texts for p, _ in split.pre_tokenize_str(t)}
+    pieces |= set("0123456789") | {" ", "\n"}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for piece in sorted(pieces):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
+
+
+def cache_root() -> Path:
+    """$PARATRANSFER_CACHE, else $XDG_CACHE_HOME/paratransfer, else ~/.cache/paratransfer."""
+    if os.environ.get("PARATRANSFER_CACHE"):
+        return Path(os.environ["PARATRANSFER_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "paratransfer"
+
+
+def pretrain(model: torch.nn.Module, tokenizer, records: list[dict], steps: int, lr: float,
+             seed: int, label: str) -> list[float]:
+    """Full-parameter training from scratch (answer-only loss), deterministic for a seed."""
+    from tqdm.auto import tqdm
+
+    from paratransfer import data
+
+    examples = [data.tokenize_example(
+        data.example_from_record(r, source=f"{label}:{i}", default_id=str(i)), tokenizer)
+        for i, r in enumerate(records)]
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    pad = tokenizer.pad_token_id
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc=f"pretrain {label}", unit="step")
+    for _ in bar:
+        idx = torch.randint(len(examples), (PRETRAIN_BATCH,), generator=gen).tolist()
+        batch = [examples[i] for i in idx]
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        for row, b in enumerate(batch):
+            ids[row, :len(b["input_ids"])] = torch.tensor(b["input_ids"])
+            labels[row, :len(b["labels"])] = torch.tensor(b["labels"])
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != pad),
+                     labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def build_world(root: Path) -> None:
+    """Data splits, tokenizer, teacher and student into `root` (a fresh folder)."""
+    from paratransfer.tiny import save_tiny, tiny_model
+
+    torch.manual_seed(0)
+    corpus = [m["content"] for fam in (two_step, one_step)
+              for r in arithmetic_records(2000, seed=7, family=fam) for m in r["messages"]]
+    tokenizer = demo_tokenizer(corpus)
+    write_jsonl(root / "seeds.jsonl", arithmetic_records(32, seed=101, prefix="seed"))
+    write_jsonl(root / "train.jsonl", arithmetic_records(256, seed=102, prefix="train"))
+    write_jsonl(root / "test.jsonl", arithmetic_records(100, seed=103, prefix="test"))
+    info = {"version": DEMO_VERSION}
+    for who, family, (kwargs, steps, lr), data_seed in (
+            ("teacher", two_step, TEACHER, 201), ("student", one_step, STUDENT, 202)):
+        model = tiny_model("llama", vocab=len(tokenizer), **kwargs)
+        started = time.time()
+        losses = pretrain(model, tokenizer, arithmetic_records(20000, data_seed, family, who),
+                          steps, lr, seed=data_seed, label=who)
+        save_tiny(model, tokenizer, root / who)
+        info[who] = {**kwargs, "family": family.__name__, "steps": steps, "lr": lr,
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "final_loss": sum(losses[-20:]) / 20, "seconds": round(time.time() - started, 1)}
+    (root / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def ensure_world(cache: Path | None = None) -> Path:
+    """The cached demo world, built (atomically) only when missing."""
+    root = (cache or cache_root()) / f"demo-world-v{DEMO_VERSION}"
+    if (root / "world.json").is_file():
+        print(f"demo: using the cached teacher and student in {root}", flush=True)
+        return root
+    print(f"demo: building the task data, a teacher and a student in {root} "
+          "(once; a few minutes on a CPU)", flush=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        build_world(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def demo_recipe(world: Path) -> Path:
+    """Write the demo's recipe file beside the world (so users can read and rerun it)."""
+    import yaml
+
+    recipe = {**DEMO_RECIPE, "teacher": str(world / "teacher"), "student": str(world / "student"),
+              "task": {"type": "gsm", "seeds": str(world / "seeds.jsonl"),
+                       "train": str(world / "train.jsonl"), "eval": str(world / "test.jsonl")}}
+    path = world / "demo.yaml"
+    text = ("# paratransfer run " + str(path) + " --out out/demo\n"
+            + yaml.safe_dump(recipe, sort_keys=False))
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def run_demo(out: str | Path | None = None, cache: Path | None = None) -> dict:
+    """Build (or reuse) the world, run the recipe (resuming a previous demo run), print the table."""
+    from paratransfer.experiment import run_experiment
+    from paratransfer.recipe import load_recipe
+    from paratransfer.results import to_markdown
+
+    # Models this small gain nothing from a second thread, and on a busy machine two thrash.
+    torch.set_num_threads(1)
+    started = time.time()
+    world = ensure_world(cache)
+    recipe = load_recipe(demo_recipe(world))
+    out = Path(out) if out else Path("out") / "demo"
+    resume = (out / "recipe.json").is_file()
+    result = run_experiment(recipe, out, resume=resume, overwrite=not resume and out.exists(),
+                            progress=True)
+    print()
+    print(to_markdown(result))
+    print(f"outputs in {out}: results.md, results.json, results.png, sensitivity.png "
+          f"({math.ceil(time.time() - started)} s)")
+    return result

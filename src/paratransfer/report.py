@@ -22,6 +22,7 @@ def plot_layer_scores(scores: Sequence[float], selected: Sequence[int], path: st
     ax.set_ylabel("summed sensitivity  Σ|θ·∇L|")
     ax.set_title(f"{title} (orange: selected, {len(chosen)} of {len(scores)})")
     ax.set_xlim(-0.6, len(scores) - 0.4)
+    ax.set_xticks(range(0, len(scores), max(1, len(scores) // 20)))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

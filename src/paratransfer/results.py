@@ -1,0 +1,200 @@
+"""The results table of an experiment: per arm mean ± std over seeds, each seed's value, the
+paired difference to the `lora` baseline with a 95% interval, and reference rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from paratransfer.outputs import atomic_file, write_json
+
+#: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def paired_interval(values: list[float], baseline: list[float]) -> dict[str, Any]:
+    """Mean paired difference and its 95% t-interval (None with fewer than two pairs)."""
+    diffs = [a - b for a, b in zip(values, baseline, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": len(diffs)}
+    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(diffs)}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def summarize_arms(metrics: dict[str, dict[int, Path]]) -> tuple[str, list[dict[str, Any]]]:
+    """One row per arm from its seeds' metrics.json files."""
+    rows, metric = [], None
+    per_arm = {arm: {seed: _read(p) for seed, p in by_seed.items()} for arm, by_seed in metrics.items()}
+    base = per_arm.get("lora", {})
+    for arm, by_seed in per_arm.items():
+        seeds = sorted(by_seed)
+        metric = metric or by_seed[seeds[0]]["metric"]
+        values = [by_seed[s]["value"] for s in seeds]
+        row = {
+            "arm": arm,
+            "metric": metric,
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": {str(s): v for s, v in zip(seeds, values, strict=True)},
+            "metrics": {name: statistics.fmean(by_seed[s]["metrics"][name] for s in seeds)
+                        for name in by_seed[seeds[0]]["metrics"]},
+        }
+        paired = [s for s in seeds if s in base]
+        if arm != "lora" and paired:
+            row["vs_lora"] = paired_interval([by_seed[s]["value"] for s in paired],
+                                             [base[s]["value"] for s in paired])
+        rows.append(row)
+    return metric or "", rows
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The table people read: arms, then reference rows."""
+    metric = result["metric"]
+    lines = [f"# {result['name']}: {result['task']} ({metric})", "",
+             f"teacher `{result['teacher']}` → student `{result['student']}`; seeds "
+             f"{', '.join(map(str, result['seeds']))}", "",
+             f"| arm | {metric} mean ± std | per seed | Δ vs lora (95% CI, paired) |",
+             "|---|---|---|---|"]
+    for row in result["arms"]:
+        per_seed = ", ".join(f"{v:.4f}" for v in row["seeds"].values())
+        d = row.get("vs_lora")
+        if d is None:
+            delta = "baseline" if row["arm"] == "lora" else "—"
+        elif d["low"] is None:
+            delta = f"{d['mean']:+.4f} (one seed: no interval)"
+        else:
+            delta = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+        lines.append(f"| {row['arm']} | {row['mean']:.4f} ± {row['std']:.4f} | {per_seed} | {delta} |")
+    for ref in result["references"]:
+        lines.append(f"| *{ref['name']}* (reference) | {ref['value']:.4f} | — | — |")
+    verdict = result.get("verdict")
+    if verdict:
+        lines += ["", verdict]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """One sentence on the transfer arm against the baseline, as the numbers say."""
+    row = next((r for r in rows if r["arm"] == "transfer"), None)
+    d = row.get("vs_lora") if row else None
+    if d is None:
+        return ""
+    if d["low"] is None:
+        return f"transfer − lora = {d['mean']:+.4f} from one seed: no conclusion."
+    if d["low"] > 0:
+        return f"transfer beats lora: {d['mean']:+.4f}, 95% CI [{d['low']:+.4f}, {d['high']:+.4f}]."
+    if d["high"] < 0:
+        return f"transfer is worse than lora: {d['mean']:+.4f}, 95% CI [{d['low']:+.4f}, {d['high']:+.4f}]."
+    return (f"no significant difference between transfer and lora: {d['mean']:+.4f}, "
+            f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}] includes 0.")
+
+
+def plot_results(result: dict[str, Any], path: Path) -> None:
+    """Bars with std error bars per arm, each seed as a dot, reference rows as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = result["arms"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 3, 3.8), dpi=110)
+    xs = range(len(arms))
+    colors = ["tab:orange" if a["arm"] == "transfer" else "tab:blue" if a["arm"] == "lora"
+              else "tab:green" for a in arms]
+    ax.bar(xs, [a["mean"] for a in arms], yerr=[a["std"] for a in arms], capsize=6,
+           color=colors, alpha=0.85)
+    for x, a in zip(xs, arms, strict=True):
+        vals = list(a["seeds"].values())
+        ax.scatter([x] * len(vals), vals, color="black", s=12, zorder=3)
+    for ref, style in zip(result["references"], ["--", ":"], strict=False):
+        ax.axhline(ref["value"], linestyle=style, color="gray", label=f"{ref['name']} (reference)")
+    ax.set_xticks(list(xs), [a["arm"] for a in arms])
+    ax.set_ylabel(result["metric"])
+    ax.set_title(f"{result['name']}: {result['task']} — mean ± std over {len(result['seeds'])} seeds")
+    if result["references"]:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_sensitivity(transfer_json: Path, path: Path, max_modules: int = 8) -> None:
+    """Per-layer scores with the selected layers marked, and the chosen windows on their
+    teacher matrices (for the first selected layer's modules, the embedding and the head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    report = _read(transfer_json)
+    scores, selected = report["layer_scores"], set(report["selected_layers"])
+    first = min(selected) if selected else None
+    entries = [e for e in report["modules"] if e.get("window") is not None
+               and e.get("teacher_layer") in (None, first)][:max_modules]
+    cols = max(1, min(4, len(entries)))
+    rows = 1 + math.ceil(len(entries) / cols)
+    fig = plt.figure(figsize=(3.2 * cols + 1, 2.8 * rows), dpi=100)
+    ax = fig.add_subplot(rows, 1, 1)
+    ax.bar(range(len(scores)), scores,
+           color=["tab:orange" if i in selected else "tab:gray" for i in range(len(scores))])
+    ax.set_title("teacher layer sensitivity (orange: selected)")
+    ax.set_xlabel("teacher layer")
+    ax.set_xticks(range(len(scores)))
+    for i, e in enumerate(entries):
+        a = fig.add_subplot(rows, cols, cols + i + 1)
+        (m, n), (r, c) = e["teacher_shape"], e["window"]
+        rows_s, cols_s = e["student_shape"]
+        a.add_patch(Rectangle((0, 0), n, m, fill=False, edgecolor="black"))
+        a.add_patch(Rectangle((c, r), cols_s, rows_s, color="tab:orange", alpha=0.5))
+        a.set_xlim(0, n)
+        a.set_ylim(m, 0)
+        a.set_aspect("auto")
+        a.set_title(f"{e['role']} L{e['teacher_layer']}" if e["teacher_layer"] is not None
+                    else e["role"], fontsize=9)
+        a.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: dict[str, Path],
+                  adapters: dict[str, Path], sens: Path) -> dict[str, Any]:
+    """results.json, results.md, results.png and sensitivity.png; returns results.json's data."""
+    metric, rows = summarize_arms(metrics)
+    references = []
+    for who, path in refs.items():
+        m = _read(path)
+        references.append({"name": who, "value": m["value"], "metrics": m["metrics"]})
+    result = {
+        "name": recipe.name, "task": recipe.task.type, "metric": metric,
+        "teacher": recipe.teacher, "student": recipe.student, "seeds": recipe.seeds,
+        "arms": rows, "references": references, "verdict": verdict(rows),
+    }
+    with atomic_file(out / "results.json", overwrite=True) as tmp:
+        write_json(tmp, result)
+    with atomic_file(out / "results.md", overwrite=True) as tmp:
+        tmp.write_text(to_markdown(result), encoding="utf-8")
+    with atomic_file(out / "results.png", overwrite=True) as tmp:
+        plot_results(result, tmp.with_suffix(".png"))
+        tmp.with_suffix(".png").replace(tmp)
+    main_adapter = adapters.get("transfer") or next(iter(adapters.values()), None)
+    if main_adapter is not None:
+        with atomic_file(out / "sensitivity.png", overwrite=True) as tmp:
+            plot_sensitivity(main_adapter / "transfer.json", tmp.with_suffix(".png"))
+            tmp.with_suffix(".png").replace(tmp)
+    return result

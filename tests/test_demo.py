@@ -1,0 +1,46 @@
+"""The demo's task family and recipe (the world itself is built by `make demo`, not here)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from paratransfer.demo import (
+    DEMO_RECIPE,
+    arithmetic_records,
+    demo_recipe,
+    one_step,
+    two_step,
+    write_jsonl,
+)
+from paratransfer.recipe import load_recipe
+
+
+def test_two_step_answers_are_correct_and_deterministic():
+    assert arithmetic_records(20, seed=3) == arithmetic_records(20, seed=3)
+    assert arithmetic_records(20, seed=3) != arithmetic_records(20, seed=4)
+    rng = random.Random(0)
+    for _ in range(200):
+        q, a = two_step(rng)
+        x, y, z = map(int, re.findall(r"\d+", q))
+        assert a.endswith(f"So the answer is {x + y - z}.")
+        assert x + y - z > 0
+
+
+def test_student_family_is_related_but_weaker():
+    rng = random.Random(0)
+    q, a = one_step(rng)
+    x, y = map(int, re.findall(r"\d+", q))
+    assert a == f"{x} + {y} = {x + y}. So the answer is {x + y}."
+    assert "-" not in a
+
+
+def test_demo_recipe_validates(tmp_path):
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+    for name in ("seeds", "train", "test"):
+        write_jsonl(tmp_path / f"{name}.jsonl", arithmetic_records(3))
+    recipe = load_recipe(demo_recipe(tmp_path))
+    assert set(recipe.arms) == set(DEMO_RECIPE["arms"])
+    assert recipe.seeds == [1, 2, 3]
+    assert (tmp_path / "demo.yaml").read_text().startswith("# paratransfer run ")

@@ -1,0 +1,144 @@
+"""Experiments: a tiny recipe end to end, resume after an interruption, recipe errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import SHARED_DATA
+from paratransfer.demo import arithmetic_records, write_jsonl
+from paratransfer.errors import UserError
+from paratransfer.experiment import run_experiment
+from paratransfer.recipe import load_recipe
+from paratransfer.results import paired_interval
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(model_pairs, seeds_file, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recipe")
+    teacher, student = model_pairs["llama"]
+    recipe = {
+        "teacher": str(teacher), "student": str(student),
+        "task": {"type": "gsm", "seeds": str(seeds_file),
+                 "train": str(write_jsonl(root / "train.jsonl", arithmetic_records(8, seed=5))),
+                 "eval": str(write_jsonl(root / "test.jsonl", arithmetic_records(4, seed=6)))},
+        "seeds": [1, 2],
+        "rank": 4, "alpha": 8, "max_length": 160, "max_steps": 2, "batch_size": 4,
+        "micro_batch_size": 4, "checkpoint_every": 1, "limit": 4, "max_new_tokens": 6,
+        "eval_batch_size": 4, "lr": 1e-2, "dtype": "float32", "device": "cpu",
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _values(result: dict) -> dict:
+    return {row["arm"]: row["seeds"] for row in result["arms"]}
+
+
+def test_tiny_recipe_end_to_end_and_resume(tiny_recipe, tmp_path):
+    recipe = load_recipe(tiny_recipe)
+    full = run_experiment(recipe, tmp_path / "full", progress=False, on_step=lambda m: None)
+    assert {row["arm"] for row in full["arms"]} == {"transfer", "lora"}
+    for row in full["arms"]:
+        assert set(row["seeds"]) == {"1", "2"}
+    saved = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert saved["arms"] == json.loads(json.dumps(full["arms"]))
+    assert {r["name"] for r in saved["references"]} == {"student", "teacher"}
+    transfer = next(r for r in saved["arms"] if r["arm"] == "transfer")
+    assert transfer["vs_lora"]["n"] == 2
+    for name in ("results.md", "results.png", "sensitivity.png"):
+        assert (tmp_path / "full" / name).stat().st_size > 0
+
+    # Interrupt the same run midway (at its 6th step), then resume: same numbers.
+    seen: list[str] = []
+
+    def stop_at_sixth(msg: str) -> None:
+        seen.append(msg)
+        if len(seen) == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(recipe, tmp_path / "cut", progress=False, on_step=stop_at_sixth)
+    assert not (tmp_path / "cut" / "results.json").exists()
+    log: list[str] = []
+    resumed = run_experiment(recipe, tmp_path / "cut", resume=True, progress=False,
+                             on_step=log.append)
+    assert all(m.startswith("[done]") for m in log[:5]) and log[5].startswith("[run ]")
+    assert _values(resumed) == _values(full)
+    # The metric of random tiny models is 0 everywhere; the trained adapters and the generated
+    # outputs are what really shows that resuming reproduces the run.
+    for arm in ("transfer", "lora"):
+        for seed in (1, 2):
+            a, b = (tmp_path / run / "arms" / arm / f"seed-{seed}" for run in ("full", "cut"))
+            ta = load_file(str(a / "train" / "adapter_model.safetensors"))
+            tb = load_file(str(b / "train" / "adapter_model.safetensors"))
+            assert ta.keys() == tb.keys()
+            for key in ta:
+                torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=1e-6)
+            assert (a / "eval" / "predictions.jsonl").read_text() == \
+                (b / "eval" / "predictions.jsonl").read_text()
+    with pytest.raises(UserError, match="already exists"):
+        run_experiment(recipe, tmp_path / "cut", progress=False)
+
+
+def _write(tmp_path: Path, base: Path, **changes) -> Path:
+    raw = yaml.safe_load(base.read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_recipe_unknown_key(tiny_recipe, tmp_path):
+    with pytest.raises(UserError, match=r"r.yaml: unknown key 'learning_rate'"):
+        load_recipe(_write(tmp_path, tiny_recipe, learning_rate=0.1))
+
+
+def test_recipe_missing_file(tiny_recipe, tmp_path):
+    task = yaml.safe_load(tiny_recipe.read_text())["task"]
+    with pytest.raises(UserError, match=r"task.train: .*nope.jsonl is not a file"):
+        load_recipe(_write(tmp_path, tiny_recipe, task={**task, "train": "nope.jsonl"}))
+
+
+def test_recipe_arm_changing_two_things(tiny_recipe, tmp_path):
+    arms = {"transfer": {}, "lora": {"init": "standard"}, "x": {"layers": "first", "rank": 2}}
+    with pytest.raises(UserError, match=r"arms.x: changes 2 settings \(layers, rank\)"):
+        load_recipe(_write(tmp_path, tiny_recipe, arms=arms))
+
+
+def test_recipe_bad_values_fail_before_work(tiny_recipe, tmp_path):
+    arms = {"transfer": {}, "lora": {"init": "standard"}, "x": {"reduce": "blocks"}}
+    with pytest.raises(UserError, match=r"arms.x: --reduce: unknown strategy 'blocks'"):
+        load_recipe(_write(tmp_path, tiny_recipe, arms=arms))
+    with pytest.raises(UserError, match="baseline"):
+        load_recipe(_write(tmp_path, tiny_recipe, arms={"transfer": {}}))
+    with pytest.raises(UserError, match="seeds"):
+        load_recipe(_write(tmp_path, tiny_recipe, seeds=[1, 1]))
+
+
+def test_paired_interval_oracle():
+    d = paired_interval([0.5, 0.7, 0.6], [0.4, 0.5, 0.6])  # diffs 0.1, 0.2, 0.0
+    assert d["mean"] == pytest.approx(0.1)
+    # sd of (0.1, 0.2, 0.0) is 0.1; t(0.975, 2) = 4.303
+    assert d["high"] - d["mean"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_example_recipes_validate(path):
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is absent: the example recipes read the shared task data")
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# paratransfer run "), "each example starts with its command"
+    recipe = load_recipe(path)
+    assert "lora" in recipe.arms and "transfer" in recipe.arms
