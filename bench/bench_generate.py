@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+
+from _common import cpu_name, save_result
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "generate.json"
@@ -42,14 +43,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads()}
@@ -167,11 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = measure(cfg)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     print(to_markdown(result))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwritten {out}")
+    save_result(result, args.out)
     return result
 
 

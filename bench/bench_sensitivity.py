@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import cpu_name, save_result
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "sensitivity.json"
 MODES = ("plain", "naive", "paratransfer")
@@ -61,14 +63,7 @@ MiB = 1024 * 1024
 
 def machine_info() -> dict:
     """CPU model, cores, RAM and library versions, for the report."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     ram = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -508,11 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarise(all_runs, cfg, info)
     print()
     print(to_markdown(result))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwritten {out}")
+    save_result(result, args.out)
     return result
 
 

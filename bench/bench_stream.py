@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from _common import save_result  # noqa: E402
 from bench_sensitivity import (  # noqa: E402  (shared helpers: machine, RSS, load on the CPU)
     _busy_cpu_seconds,
     _peak_rss_bytes,
@@ -410,11 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarise(runs, cfg, info, model, diff)
     print()
     print(to_markdown(result))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwritten {out}")
+    save_result(result, args.out)
     return result
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from _common import cpu_name, save_result
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "train.json"
@@ -47,14 +48,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -235,11 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = measure(cfg)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(to_markdown(result))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwritten {out}")
+    save_result(result, args.out)
     return result
 
 

@@ -26,14 +26,6 @@ from paratransfer.errors import UserError
 BLOCK_SIZES = [1, 5, align._BLOCK_ELEMENTS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Matrices here are tiny: a second thread only adds hand-offs (slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- brute-force references ----------------------------------------------------------------
 

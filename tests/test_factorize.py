@@ -14,15 +14,6 @@ from paratransfer.errors import UserError
 from paratransfer.factorize import FACTORIZERS, Factors, factorize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Matrices here are tiny: a second thread only adds hand-offs (slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def truncated_svd(w: torch.Tensor, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-r approximation and all singular values, independently via numpy float64."""
     u, s, vt = np.linalg.svd(w.to(torch.float64).numpy(), full_matrices=False)

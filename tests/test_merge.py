@@ -14,15 +14,6 @@ from paratransfer.models import load_model
 from paratransfer.pipeline import run_extract
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is far faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def adapters(model_pairs, seeds_file, tmp_path_factory) -> dict:
     out = {}

@@ -36,14 +36,6 @@ RANK, ALPHA = 4, 8.0
 FAST = dict(lr=1e-2, batch_size=4, micro_batch_size=2, max_length=160, max_steps=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is far faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def adapters(model_pairs, seeds_file, tmp_path_factory) -> dict:
