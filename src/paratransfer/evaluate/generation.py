@@ -7,6 +7,13 @@ input order. Generation pads on the left, so every prompt ends where the new tok
 passes the attention mask (from which `generate` also derives positions), so a prompt's output
 does not depend on its batch-mates. Likelihood scoring pads on the right, where padding cannot
 reach the scored positions of a causal model.
+
+What batching guarantees. Batched and one-at-a-time runs compute each position's logits from
+the same weights with differently shaped kernels, so they agree to the rounding of the dtype,
+not bit for bit (5e-7 apart in fp32 on some CPUs, equal on others). Choice log-probabilities
+therefore agree within that tolerance, and the greedy token is the same unless the two best
+logits are within it of each other (a near tie). At a near tie the two runs may pick different
+tokens, and from there their continuations differ; a benchmark counts such divergences.
 """
 
 from __future__ import annotations
@@ -108,14 +115,14 @@ def greedy_config(model, tokenizer, max_new_tokens: int):
     )
 
 
-def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-                    batch_size: int = 16, progress: bool = False,
-                    desc: str = "generate") -> list[str]:
-    """Each prompt's greedy continuation up to EOS or `max_new_tokens`, decoded without specials."""
+def greedy_token_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                     batch_size: int = 16, progress: bool = False,
+                     desc: str = "generate") -> list[list[int]]:
+    """Each prompt's greedy continuation as token ids, up to (without) EOS or `max_new_tokens`."""
     config = greedy_config(model, tokenizer, max_new_tokens)
     eos = list(config.eos_token_id)
     encoded = encode(tokenizer, prompts)
-    texts: list[str] = [""] * len(prompts)
+    tokens: list[list[int]] = [[] for _ in prompts]
     device = _device(model)
     with _progress(len(prompts), progress, desc) as bar, torch.inference_mode():
         for batch in length_batches([len(e) for e in encoded], batch_size):
@@ -123,9 +130,18 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)
             for i, row in zip(batch, out[:, ids.shape[1]:].tolist(), strict=True):
-                texts[i] = tokenizer.decode(cut_at_eos(row, eos), skip_special_tokens=True)
+                tokens[i] = cut_at_eos(row, eos)
             bar.update(len(batch))
-    return texts
+    return tokens
+
+
+def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                    batch_size: int = 16, progress: bool = False,
+                    desc: str = "generate") -> list[str]:
+    """Each prompt's greedy continuation up to EOS or `max_new_tokens`, decoded without specials."""
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in greedy_token_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, progress=progress, desc=desc)]
 
 
 # --------------------------------------------------------------------------- choice likelihoods
