@@ -43,6 +43,10 @@ def seeds_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("seeds") / "seeds.jsonl", arithmetic_records(5))
 
 
+#: LoRA rank and alpha of the shared test adapters (`adapters`).
+ADAPTER_RANK, ADAPTER_ALPHA = 4, 8.0
+
+
 @pytest.fixture(scope="session")
 def model_pairs(tmp_path_factory, tokenizer) -> dict[str, tuple[Path, Path]]:
     """family -> (teacher folder, student folder), built once per session."""
@@ -53,6 +57,23 @@ def model_pairs(tmp_path_factory, tokenizer) -> dict[str, tuple[Path, Path]]:
         student = tiny_model(family, vocab=len(tokenizer), seed=20 + i, **s_kw)
         out[family] = (save_tiny(teacher, tokenizer, root / f"{family}-teacher"),
                        save_tiny(student, tokenizer, root / f"{family}-student"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(model_pairs, seeds_file, tmp_path_factory) -> dict[str, Path]:
+    """family -> adapter folder extracted from the tiny teacher for the tiny student
+    (rank ADAPTER_RANK, alpha ADAPTER_ALPHA), built once per session."""
+    from paratransfer.extract import ExtractSettings
+    from paratransfer.pipeline import run_extract
+
+    out = {}
+    for family, (teacher, student) in model_pairs.items():
+        folder = tmp_path_factory.mktemp(f"adapter-{family}") / "adapter"
+        run_extract(str(teacher), str(student), folder,
+                    ExtractSettings(rank=ADAPTER_RANK, alpha=ADAPTER_ALPHA), seeds=seeds_file,
+                    progress=False)
+        out[family] = folder
     return out
 
 

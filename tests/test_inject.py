@@ -10,28 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ADAPTER_ALPHA, ADAPTER_RANK
 from paratransfer import data, inject
 from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.extract import ExtractSettings
 from paratransfer.models import load_model
-from paratransfer.pipeline import run_extract
 from paratransfer.train import TrainSettings, build_lora_model, lora_targets
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-RANK, ALPHA = 4, 8.0
+RANK, ALPHA = ADAPTER_RANK, ADAPTER_ALPHA  # the shared `adapters` fixture's
 
-
-
-@pytest.fixture(scope="module")
-def adapters(model_pairs, seeds_file, tmp_path_factory) -> dict:
-    """family -> adapter folder extracted from the tiny teacher for the tiny student."""
-    out = {}
-    for family, (teacher, student) in model_pairs.items():
-        folder = tmp_path_factory.mktemp(f"inject-{family}") / "adapter"
-        run_extract(str(teacher), str(student), folder, ExtractSettings(rank=RANK, alpha=ALPHA),
-                    seeds=seeds_file, progress=False)
-        out[family] = folder
-    return out
 
 
 @pytest.fixture(scope="module")

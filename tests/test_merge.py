@@ -9,21 +9,7 @@ import pytest
 import torch
 
 from paratransfer.cli import main
-from paratransfer.extract import ExtractSettings
 from paratransfer.models import load_model
-from paratransfer.pipeline import run_extract
-
-
-@pytest.fixture(scope="module")
-def adapters(model_pairs, seeds_file, tmp_path_factory) -> dict:
-    out = {}
-    for family in ("llama", "gpt2"):
-        teacher, student = model_pairs[family]
-        folder = tmp_path_factory.mktemp(f"merge-{family}") / "adapter"
-        run_extract(str(teacher), str(student), folder, ExtractSettings(rank=4, alpha=8),
-                    seeds=seeds_file, progress=False)
-        out[family] = folder
-    return out
 
 
 @torch.no_grad()

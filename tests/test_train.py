@@ -14,12 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ADAPTER_ALPHA, ADAPTER_RANK
 from paratransfer.cli import main
 from paratransfer.data import IGNORE_INDEX
 from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.extract import ExtractSettings
 from paratransfer.models import load_model
-from paratransfer.pipeline import run_extract
 from paratransfer.train import (
     TrainSettings,
     answer_loss_sum,
@@ -31,22 +30,10 @@ from paratransfer.train import (
     run_train,
 )
 
-RANK, ALPHA = 4, 8.0
+RANK, ALPHA = ADAPTER_RANK, ADAPTER_ALPHA  # the shared `adapters` fixture's
 #: Small and fast: 10 examples, effective batch 4 (3 steps per epoch, the last one of 2).
 FAST = dict(lr=1e-2, batch_size=4, micro_batch_size=2, max_length=160, max_steps=4)
 
-
-
-@pytest.fixture(scope="module")
-def adapters(model_pairs, seeds_file, tmp_path_factory) -> dict:
-    out = {}
-    for family in ("llama", "gpt2"):
-        teacher, student = model_pairs[family]
-        folder = tmp_path_factory.mktemp(f"train-{family}") / "adapter"
-        run_extract(str(teacher), str(student), folder, ExtractSettings(rank=RANK, alpha=ALPHA),
-                    seeds=seeds_file, progress=False)
-        out[family] = folder
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from paratransfer import __version__
+from paratransfer import __version__, cli_evaluate, cli_train
+from paratransfer.cli_options import add_common, add_seed_data
 from paratransfer.errors import UserError
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", help="float32|bfloat16|float16 (auto: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (auto: GPU when present)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _add_seed_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-format", default="tulu", help="tulu (METHOD.md §1) or chat-template")
-    p.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
-    p.add_argument("--max-samples", type=int, default=None, help="use at most this many seed samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-dir", default=None,
                    help="with --stream: folder for kept activations that don't fit in memory "
                         "(default: beside --out)")
-    _add_seed_data(p)
-    _add_common(p)
+    add_seed_data(p)
+    add_common(p)
     p.set_defaults(func=_cmd_sensitivity)
 
     p = sub.add_parser("extract", help="teacher -> LoRA adapter shaped for the student")
@@ -72,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "teacher's vocabulary (default 0.5)")
     p.add_argument("--allow-pad", action="store_true",
                    help="zero-pad teacher matrices narrower than the student's instead of refusing")
-    _add_seed_data(p)
-    _add_common(p)
+    add_seed_data(p)
+    add_common(p)
     p.set_defaults(func=_cmd_extract)
-    from paratransfer import cli_train; cli_train.register(sub)  # noqa: E702, I001
-    from paratransfer import cli_evaluate; cli_evaluate.register(sub)  # noqa: E702, I001
+    cli_train.register(sub)
+    cli_evaluate.register(sub)
 
     p = sub.add_parser("run", help="a whole experiment from a recipe: arms x seeds, results table")
     p.add_argument("recipe", help="recipe file (YAML)")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from paratransfer.cli_options import add_common
+
 
 def register(sub) -> None:
     """Add the `evaluate` subcommand to `paratransfer`'s subparsers."""
-    from paratransfer.cli import _add_common
     from paratransfer.evaluate import TASKS
 
     tasks = "|".join(TASKS)
@@ -32,7 +33,7 @@ def register(sub) -> None:
                    help="auto (the judge's chat template if any, else tulu), tulu or chat-template")
     p.add_argument("--prompt-format", default="tulu",
                    help="tulu (METHOD.md §1, as `train` uses) or chat-template")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=_cmd_evaluate)
 
 

@@ -6,9 +6,9 @@ Data-parallel training is the same command under a launcher, e.g.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from paratransfer.cli_options import add_common
 from paratransfer.errors import UserError
 
 
@@ -47,7 +47,7 @@ def register(sub) -> None:
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--prompt-format", default=d.prompt_format, help="tulu (METHOD.md §1) or chat-template")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("merge", help="student + adapter -> a standalone model folder")
@@ -57,12 +57,6 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", help="float32|bfloat16|float16 (auto: the student's own)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_merge)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    from paratransfer.cli import _add_common as add
-
-    add(p)
 
 
 def _cmd_train(args) -> int:

@@ -21,46 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from paratransfer.errors import UserError
+from paratransfer.evaluate.run import EvalSettings
+from paratransfer.extract import ExtractSettings
 from paratransfer.outputs import write_json
 from paratransfer.recipe import Recipe
+from paratransfer.train.settings import TrainSettings
 
 #: Called with a short description before each step starts (progress for people, hooks for tests).
 StepHook = Callable[[str], None]
-
-
-def extract_settings(s: dict[str, Any], seed: int):
-    """ExtractSettings from a recipe's (arm's) settings."""
-    from paratransfer.extract import ExtractSettings
-
-    modules = s["modules"]
-    modules = tuple(modules.split(",")) if isinstance(modules, str) else tuple(modules)
-    return ExtractSettings(rank=int(s["rank"]), alpha=float(s["alpha"]), layers=s["layers"],
-                           reduce=s["reduce"], modules=modules, svd=s["svd"], seed=seed,
-                           dropout=float(s["dropout"]),
-                           min_vocab_coverage=float(s["min_vocab_coverage"]),
-                           allow_pad=bool(s["allow_pad"]))
-
-
-def train_settings(s: dict[str, Any], seed: int):
-    """TrainSettings from a recipe's (arm's) settings: both arms get the same LoRA budget."""
-    from paratransfer.train import TrainSettings
-
-    ex = extract_settings(s, seed)
-    return TrainSettings(init=s["init"], epochs=int(s["epochs"]), lr=float(s["lr"]),
-                         batch_size=int(s["batch_size"]),
-                         micro_batch_size=int(s["micro_batch_size"]),
-                         max_length=int(s["max_length"]), max_steps=s["max_steps"], seed=seed,
-                         rank=ex.rank, alpha=ex.alpha, dropout=ex.dropout, modules=ex.modules,
-                         prompt_format=s["prompt_format"],
-                         checkpoint_every=int(s["checkpoint_every"]))
-
-
-def eval_settings(recipe: Recipe, s: dict[str, Any]):
-    from paratransfer.evaluate.run import EvalSettings
-
-    return EvalSettings(task=recipe.task.type, shots=s["shots"], limit=s["limit"],
-                        batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"],
-                        prompt_format=s["prompt_format"])
 
 
 def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
@@ -115,7 +83,7 @@ class Runner:
         from paratransfer.pipeline import SensitivitySettings, run_sensitivity
 
         s, path = self.recipe.settings, self.out / "sensitivity.safetensors"
-        settings = SensitivitySettings(s["prompt_format"], int(s["max_length"]), s["max_samples"])
+        settings = SensitivitySettings.from_recipe(s)
         self.step("sensitivity of the teacher", path, lambda: run_sensitivity(
             self.recipe.teacher, self.recipe.task.seeds, path, settings, self.dtype,
             self.device, overwrite=True, progress=self.progress))
@@ -126,7 +94,7 @@ class Runner:
         from paratransfer.evaluate.run import run_evaluate
 
         self.step(label, out / "metrics.json", lambda: run_evaluate(
-            model, self.recipe.task.eval, out, eval_settings(self.recipe, s), adapter=adapter,
+            model, self.recipe.task.eval, out, EvalSettings.from_recipe(self.recipe.task.type, s), adapter=adapter,
             shots_data=s["shots_data"] if s["shots"] else None, dtype=self.dtype, device=self.device, overwrite=True,
             progress=self.progress))
         return out / "metrics.json"
@@ -142,7 +110,7 @@ class Runner:
         self.step(f"extract {arm}" + (f" (seed {seed})" if "seed" in name else ""),
                   folder / "transfer.json", lambda: run_extract(
                       self.recipe.teacher, self.recipe.student, folder,
-                      extract_settings(s, seed), sensitivity_path=sens,
+                      ExtractSettings.from_recipe(s, seed), sensitivity_path=sens,
                       dtype=self.dtype, device=self.device, overwrite=True,
                       progress=self.progress))
         return folder
@@ -156,7 +124,7 @@ class Runner:
         def work() -> None:
             resume = last_checkpoint(folder) is not None
             run_train(self.recipe.student, self.recipe.task.train, folder,
-                      train_settings(s, seed), adapter_dir=adapter, dtype=self.dtype,
+                      TrainSettings.from_recipe(s, seed), adapter_dir=adapter, dtype=self.dtype,
                       device=self.device, resume=resume, overwrite=not resume,
                       progress=self.progress)
 

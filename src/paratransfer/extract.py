@@ -21,6 +21,7 @@ import torch
 
 from paratransfer import align, factorize
 from paratransfer.arch import ArchSpec, HeadLayout, ModuleSpec, arch_for, parse_roles
+from paratransfer.checks import finite_number, whole_number
 from paratransfer.errors import UserError
 from paratransfer.vocab import VocabAlignment, align_vocabularies, identity_alignment
 from paratransfer.weights import TeacherWeights, as_teacher_weights
@@ -47,8 +48,11 @@ class ExtractSettings:
     allow_pad: bool = False  # zero-pad teacher matrices narrower than the student's
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise UserError(f"--rank: must be at least 1 (got {self.rank})")
+        object.__setattr__(self, "rank", whole_number("--rank", self.rank, 1))
+        object.__setattr__(self, "seed", whole_number("--seed", self.seed))
+        for name in ("alpha", "dropout", "min_vocab_coverage"):
+            object.__setattr__(self, name, finite_number(f"--{name.replace('_', '-')}",
+                                                         getattr(self, name)))
         if self.alpha <= 0:
             raise UserError(f"--alpha: must be positive (got {self.alpha})")
         if not 0.0 <= self.dropout < 1.0:
@@ -66,6 +70,13 @@ class ExtractSettings:
         if self.svd not in factorize.FACTORIZERS:
             raise UserError(f"--svd: unknown method {self.svd!r} "
                             f"(expected one of: {', '.join(factorize.FACTORIZERS)})")
+
+    @classmethod
+    def from_recipe(cls, s: dict, seed: int) -> ExtractSettings:
+        """From a recipe's (or arm's) settings, named as the flags; `seed` drives `random`."""
+        return cls(rank=s["rank"], alpha=s["alpha"], layers=s["layers"], reduce=s["reduce"],
+                   modules=s["modules"], svd=s["svd"], seed=seed, dropout=s["dropout"],
+                   min_vocab_coverage=s["min_vocab_coverage"], allow_pad=bool(s["allow_pad"]))
 
 
 @dataclass

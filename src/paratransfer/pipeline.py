@@ -33,6 +33,11 @@ class SensitivitySettings:
         if self.max_samples is not None and self.max_samples < 1:
             raise UserError(f"--max-samples: must be at least 1 (got {self.max_samples})")
 
+    @classmethod
+    def from_recipe(cls, s: dict) -> SensitivitySettings:
+        """From a recipe's settings, named as the flags."""
+        return cls(s["prompt_format"], s["max_length"], s["max_samples"])
+
 
 def _seed_samples(teacher_id: str, seeds: str | Path, settings: SensitivitySettings) -> list[dict]:
     """The seed set tokenized with the teacher's tokenizer."""
@@ -72,7 +77,7 @@ def sensitivity_of(teacher_id: str, teacher: torch.nn.Module, seeds: str | Path,
                    settings: SensitivitySettings, progress: bool = True, dist=None):
     """Tokenize the seed set with the teacher's tokenizer and accumulate Σ|θ·∇L|.
 
-    Under torch.distributed (`dist` from `train.start_distributed`) each process takes every
+    Under torch.distributed (`dist` from `distributed.start_distributed`) each process takes every
     world-th sample and the sums meet on rank 0 (the other ranks' tensors are partial).
     """
     from paratransfer.sensitivity import accumulate_sensitivity, reduce_sensitivity
@@ -101,8 +106,8 @@ def run_sensitivity(teacher_id: str, seeds: str | Path, out: str | Path,
     activations that don't fit in memory go to `offload_dir`, default beside `out`). Under
     torchrun the processes split the samples and rank 0 writes the file.
     """
+    from paratransfer.distributed import start_distributed
     from paratransfer.sensitivity import save_sensitivity
-    from paratransfer.train import start_distributed
 
     refuse_existing(out, overwrite)
     if stream and device_map is not None:

@@ -15,6 +15,10 @@ from typing import Any
 import yaml
 
 from paratransfer.errors import UserError
+from paratransfer.evaluate.run import EvalSettings
+from paratransfer.extract import ExtractSettings
+from paratransfer.pipeline import SensitivitySettings
+from paratransfer.train.settings import TrainSettings
 
 #: Every setting a recipe (or an arm) may change, by step, with its default.
 STEP_KEYS: dict[str, dict[str, Any]] = {
@@ -196,18 +200,14 @@ def _parse_arms(arms: Any, path: Path) -> dict[str, dict[str, Any]]:
 
 def _check_settings(recipe: Recipe) -> None:
     """Build every step's settings once for each arm so bad values fail before any work."""
-    from paratransfer.evaluate.run import EvalSettings
-    from paratransfer.experiment import extract_settings, train_settings
-
     for arm in recipe.arms:
         s = recipe.arm_settings(arm)
         where = f"{recipe.source}: " + (f"arms.{arm}" if recipe.arms[arm] else "settings")
         try:
-            extract_settings(s, seed=recipe.seeds[0])
-            train_settings(s, seed=recipe.seeds[0])
-            EvalSettings(task=recipe.task.type, shots=s["shots"], limit=s["limit"],
-                         batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"],
-                         prompt_format=s["prompt_format"])
+            SensitivitySettings.from_recipe(s)
+            ExtractSettings.from_recipe(s, seed=recipe.seeds[0])
+            TrainSettings.from_recipe(s, seed=recipe.seeds[0])
+            EvalSettings.from_recipe(recipe.task.type, s)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         except (TypeError, ValueError) as e:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from paratransfer.arch.spec import ArchSpec, FusedLayout, ModuleSpec, config_heads, register
+from paratransfer.arch.registry import register
+from paratransfer.arch.spec import ArchSpec, FusedLayout, ModuleSpec, config_heads
 
 #: Llama and its close relatives share one layout (Qwen2 adds q/k/v biases, which LoRA leaves
 #: alone; grouped-query attention only makes k/v narrower, which sizes from weights handle).

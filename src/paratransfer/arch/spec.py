@@ -235,31 +235,3 @@ class ArchSpec:
     def peft_targets(self, modules: Iterable[ModuleSpec]) -> list[str]:
         """Names for `LoraConfig(target_modules=...)`: suffixes matching exactly these modules."""
         return [m.path for m in modules]
-
-
-_REGISTRY: list[ArchSpec] = []
-
-
-def register(spec: ArchSpec) -> ArchSpec:
-    """Add a family; one place to touch when supporting a new one."""
-    _REGISTRY.append(spec)
-    return spec
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for s in _REGISTRY for t in s.model_types)
-
-
-def arch_for(model_or_config: object) -> ArchSpec:
-    """The family description for a model (or its config); a clear error when unsupported."""
-    from paratransfer.arch import families  # noqa: F401  (registers the families)
-
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    for spec in _REGISTRY:
-        if model_type in spec.model_types:
-            return spec
-    raise UserError(
-        f"unsupported architecture: model_type {model_type!r} "
-        f"(supported: {', '.join(supported_model_types())})"
-    )

@@ -55,6 +55,13 @@ class EvalSettings:
                             f"(expected auto or one of: {formats})")
 
 
+    @classmethod
+    def from_recipe(cls, task: str, s: dict[str, Any]) -> EvalSettings:
+        """From a recipe's (or arm's) settings; the evaluation batch is `eval_batch_size`."""
+        return cls(task=task, shots=s["shots"], limit=s["limit"], batch_size=s["eval_batch_size"],
+                   max_new_tokens=s["max_new_tokens"], prompt_format=s["prompt_format"])
+
+
 # --------------------------------------------------------------------------- inputs
 
 

@@ -1,0 +1,22 @@
+"""Command-line options that several commands share: one home, imported by each command's
+module (it imports none of them)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """--dtype, --device, --overwrite and --quiet, as every model-loading command takes them."""
+    p.add_argument("--dtype", default="auto", help="float32|bfloat16|float16 (auto: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (auto: GPU when present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_seed_data(p: argparse.ArgumentParser) -> None:
+    """How seed samples are rendered and cut (sensitivity and extraction)."""
+    p.add_argument("--prompt-format", default="tulu",
+                   help="tulu (docs/method.md: prompt format) or chat-template")
+    p.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most this many seed samples")

@@ -1,0 +1,65 @@
+"""`paratransfer train`, top to bottom: check the output, set up, train, save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from paratransfer.distributed import start_distributed
+from paratransfer.train.loop import train
+from paratransfer.train.outputs import prepare_output, save_outputs, summary
+from paratransfer.train.settings import TrainSettings
+from paratransfer.train.setup import check_output, setup
+
+
+@dataclass
+class TrainResult:
+    """What `run_train` returns: the summary written to train.json and the trained model.
+
+    `model` is the in-memory PEFT model (base weights residual for a transfer run), in eval
+    mode; `complete` is False when `stop_after` ended the run early (it can be resumed).
+    """
+
+    out: Path
+    summary: dict
+    model: torch.nn.Module
+    complete: bool
+    main: bool = True  # rank 0 (the process that writes)
+
+
+def run_train(student_id: str, data_path: str | Path, out: str | Path,
+              settings: TrainSettings | None = None, adapter_dir: str | Path | None = None,
+              dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+              resume: bool = False, overwrite: bool = False, progress: bool = True,
+              stop_after: int | None = None) -> TrainResult:
+    """`paratransfer train`: LoRA fine-tuning of the student in the transfer or standard arm.
+
+    `stop_after` ends the run (with a checkpoint) once that many steps are done, as an
+    interruption would; `resume=True` continues it. Nothing is written before every input has
+    been checked.
+    """
+    from paratransfer.devices import pick_device, pick_dtype
+
+    settings = settings or TrainSettings()
+    out = Path(out)
+    device = pick_device("auto" if device is None else str(device))
+    dist, device = start_distributed(device)
+    try:
+        dtype = dtype or pick_dtype("auto", device)
+        resume_from = check_output(out, resume, overwrite)
+        run = setup(student_id, data_path, out, settings, adapter_dir, dtype, device, dist,
+                    resume_from)
+        if resume_from is None:
+            if dist.main:
+                prepare_output(run, overwrite)
+            dist.barrier()
+        complete = train(run, progress, stop_after)
+        info = summary(run, complete)
+        if complete and dist.main:
+            save_outputs(run, info)
+        dist.barrier()
+        return TrainResult(out, info, run.model, complete, dist.main)
+    finally:
+        dist.close()

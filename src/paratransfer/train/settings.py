@@ -1,0 +1,95 @@
+"""Every choice of a training run, in one frozen dataclass; the defaults are the paper's recipe
+(docs/method.md, fine-tuning)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from paratransfer.checks import finite_number, whole_number
+from paratransfer.errors import UserError
+
+INITS = ("transfer", "standard")
+#: Settings that may differ between a run and its resumption (they do not change the result).
+_RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every choice of a training run; the defaults are the paper's recipe (METHOD.md §6)."""
+
+    init: str = "transfer"  # transfer (extracted factors, residual base) | standard (PEFT default)
+    epochs: int = 3
+    lr: float = 3e-4
+    batch_size: int = 64  # effective batch: examples per optimizer step over all processes
+    micro_batch_size: int = 8  # examples per forward pass on one process
+    max_length: int = 2048  # tokens per example (prompt + answer), longer ones are cut
+    max_steps: int | None = None  # stop (and schedule) after this many steps instead of epochs
+    seed: int = 1
+    rank: int | None = None  # LoRA r; None: the adapter's, else 16
+    alpha: float | None = None  # LoRA alpha (scale alpha/r); None: the adapter's, else 16
+    dropout: float = 0.05
+    modules: tuple[str, ...] | None = None  # roles; None: the adapter's, else all
+    warmup_ratio: float = 0.03  # linear warmup over ceil(ratio * steps), then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping as HF Trainer's default; 0 turns it off
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    prompt_format: str = "tulu"
+    checkpoint_every: int = 10  # steps
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        from paratransfer.arch import parse_roles
+        from paratransfer.data import PROMPT_FORMATS
+
+        if self.init not in INITS:
+            raise UserError(f"--init: {self.init!r} is not known (expected one of: {', '.join(INITS)})")
+        for name, flag, least in (("epochs", "--epochs", 1), ("batch_size", "--batch-size", 1),
+                                  ("micro_batch_size", "--micro-batch-size", 1),
+                                  ("max_length", "--max-length", 2),
+                                  ("checkpoint_every", "--checkpoint-every", 1),
+                                  ("max_steps", "--max-steps", 1), ("rank", "--rank", 1),
+                                  ("seed", "--seed", None),
+                                  ("keep_checkpoints", "keep_checkpoints", 1)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, whole_number(flag, getattr(self, name), least))
+        for name, flag in (("lr", "--lr"), ("alpha", "--alpha"), ("dropout", "--dropout"),
+                           ("warmup_ratio", "warmup_ratio"), ("weight_decay", "weight_decay"),
+                           ("max_grad_norm", "max_grad_norm"), ("adam_eps", "adam_eps")):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, finite_number(flag, getattr(self, name)))
+        if self.micro_batch_size > self.batch_size:
+            raise UserError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed "
+                            f"--batch-size ({self.batch_size})")
+        if not self.lr > 0:
+            raise UserError(f"--lr: must be positive (got {self.lr})")
+        if self.alpha is not None and not self.alpha > 0:
+            raise UserError(f"--alpha: must be positive (got {self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout: must be in [0, 1) (got {self.dropout})")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"warmup_ratio: must be in [0, 1) (got {self.warmup_ratio})")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise UserError("max_grad_norm and weight_decay must not be negative")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise UserError(f"--prompt-format: {self.prompt_format!r} is not known "
+                            f"(expected one of: {', '.join(PROMPT_FORMATS)})")
+        if self.modules is not None:
+            object.__setattr__(self, "modules", parse_roles(self.modules))
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+
+    @classmethod
+    def from_recipe(cls, s: dict, seed: int) -> TrainSettings:
+        """From a recipe's (or arm's) settings: every arm gets the recipe's LoRA budget."""
+        return cls(init=s["init"], epochs=s["epochs"], lr=s["lr"],
+                   batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"],
+                   max_length=s["max_length"], max_steps=s["max_steps"], seed=seed,
+                   rank=s["rank"], alpha=s["alpha"], dropout=s["dropout"],
+                   modules=s["modules"], prompt_format=s["prompt_format"],
+                   checkpoint_every=s["checkpoint_every"])
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["modules"] = list(self.modules) if self.modules is not None else None
+        d["adam_betas"] = list(self.adam_betas)
+        return d

@@ -1,0 +1,169 @@
+"""Setup: read and check every input, wrap the student with LoRA and initialize it for the arm,
+build the optimizer. The arms differ only in `init_lora`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from paratransfer import __version__
+from paratransfer.distributed import Dist
+from paratransfer.errors import UserError
+from paratransfer.train.batches import load_examples, steps_per_epoch
+from paratransfer.train.checkpoints import CHECKPOINTS, last_checkpoint, restore_checkpoint
+from paratransfer.train.settings import TrainSettings
+from paratransfer.train.state import Run
+
+
+def resolve_settings(settings: TrainSettings, adapter, arch) -> TrainSettings:
+    """Fill rank, alpha and modules from the adapter when one is given, else 16, 16, all."""
+    from paratransfer.arch import ROLES
+
+    if adapter is None:
+        return replace(settings, rank=settings.rank or 16, alpha=settings.alpha or 16.0,
+                       modules=settings.modules or ROLES)
+    if settings.init == "transfer" and settings.rank not in (None, adapter.rank):
+        raise UserError(f"--rank: {settings.rank} differs from the adapter's rank {adapter.rank} "
+                        f"({adapter.folder}); the extracted factors fix the rank")
+    return replace(settings, rank=settings.rank or adapter.rank,
+                   alpha=settings.alpha or adapter.alpha,
+                   modules=settings.modules or adapter_roles(adapter, arch))
+
+
+def adapter_roles(adapter, arch) -> tuple[str, ...]:
+    """The roles an adapter's target modules hold in the student's family."""
+    from paratransfer.arch import ROLES
+
+    by_path = {m.path: m for m in arch.modules()}
+    roles: set[str] = set()
+    for target in adapter.targets:
+        if target not in by_path:
+            raise UserError(f"{adapter.folder}: the adapter targets {target!r}, which {arch.family} "
+                            "students do not have (was it extracted for this student?)")
+        roles.update(by_path[target].roles)
+    return tuple(r for r in ROLES if r in roles)
+
+
+def lora_targets(student, roles: tuple[str, ...]) -> tuple[list, list[dict]]:
+    """The module specs to wrap, and what was skipped (a tied head: the embedding covers it)."""
+    from paratransfer.arch import arch_for
+    from paratransfer.inject import is_tied
+
+    arch = arch_for(student)
+    specs, skipped = [], []
+    for spec in arch.modules_for(roles):
+        if spec.roles == ("head",) and is_tied(student):
+            skipped.append({"role": "head", "reason": "the student's lm_head is tied to its "
+                            "embedding; the embed adapter covers both"})
+            continue
+        specs.append(spec)
+    for role in sorted(set(roles) - arch.roles()):
+        skipped.append({"role": role, "reason": f"the {arch.family} family has no {role}"})
+    if not specs:
+        raise UserError(f"--modules: none of {', '.join(roles)} can be trained on this student")
+    return specs, skipped
+
+
+def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str):
+    """Wrap the student with PEFT LoRA (default init, seeded): the same in both arms."""
+    from peft import LoraConfig, get_peft_model
+
+    from paratransfer.arch import arch_for
+
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=arch_for(student).peft_targets(specs),
+                        fan_in_fan_out=any(s.conv1d for s in specs), bias="none",
+                        task_type="CAUSAL_LM", base_model_name_or_path=student_id)
+    torch.manual_seed(settings.seed)
+    return get_peft_model(student, config)
+
+
+def init_lora(peft_model, settings: TrainSettings, adapter) -> dict | None:
+    """The one place the arms differ: transfer loads the factors and makes the base residual."""
+    if settings.init == "standard":
+        return None
+    from paratransfer.inject import inject_transfer_init
+
+    return inject_transfer_init(peft_model, adapter)
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse what cannot be done before any work; returns the checkpoint to resume from."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other (give one)")
+    if resume:
+        last = last_checkpoint(out)
+        if last is None:
+            raise UserError(f"--resume: nothing to resume in {out} (no checkpoint in "
+                            f"{out / CHECKPOINTS})")
+        return last
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (pass --resume to continue that run, or "
+                        "--overwrite to replace it)")
+    return None
+
+
+def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSettings,
+          adapter_dir: str | Path | None, dtype: torch.dtype, device: torch.device, dist: Dist,
+          resume_from: Path | None) -> Run:
+    """Read and check every input, build the LoRA model of the chosen arm and the optimizer."""
+    from paratransfer.arch import arch_for
+    from paratransfer.data import file_digest
+    from paratransfer.inject import check_adapter_shapes, read_adapter
+    from paratransfer.models import load_model, load_tokenizer, model_label
+
+    if settings.init == "transfer" and adapter_dir is None:
+        raise UserError("--init transfer needs --adapter ADAPTER_DIR (from `paratransfer extract`)")
+    adapter = read_adapter(adapter_dir) if adapter_dir is not None else None
+    tokenizer = load_tokenizer(student_id)
+    examples, dropped = load_examples(data_path, tokenizer, settings.prompt_format,
+                                      settings.max_length)
+    student = load_model(student_id, dtype=dtype, device=device)
+    if adapter is not None:
+        check_adapter_shapes(student, adapter)
+    settings = resolve_settings(settings, adapter, arch_for(student))
+    specs, skipped = lora_targets(student, settings.modules)
+    model = build_lora_model(student, specs, settings, student_id)
+    injection = init_lora(model, settings, adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if dist.world > 1:  # identical start on every process, whatever each drew at random
+        for p in trainable:
+            torch.distributed.broadcast(p.data, src=0)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.adam_betas,
+                                  eps=settings.adam_eps, weight_decay=settings.weight_decay)
+    per_epoch = steps_per_epoch(len(examples), settings.batch_size)
+    total = settings.max_steps or settings.epochs * per_epoch
+    meta = {
+        "paratransfer_version": __version__,
+        "student": model_label(student_id),
+        "data": str(Path(data_path).resolve()),
+        "data_sha256": file_digest(data_path),
+        "adapter": str(Path(adapter_dir).resolve()) if adapter_dir is not None else None,
+        "adapter_sha256": (file_digest(Path(adapter_dir) / "adapter_model.safetensors")
+                           if adapter_dir is not None else None),
+        "init": settings.init,
+        "settings": settings.as_dict(),
+        "seed": settings.seed,
+        "world_size": dist.world,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "examples": len(examples),
+        "dropped_no_answer": dropped,
+        "steps": total,
+        "steps_per_epoch": per_epoch,
+        "grad_accumulation": math.ceil(settings.batch_size / (settings.micro_batch_size * dist.world)),
+        "warmup_steps": math.ceil(settings.warmup_ratio * total),
+        "target_modules": [s.path for s in specs],
+        "skipped": skipped,
+        "injection": injection,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+    }
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
+              dtype, dist, out, meta)
+    if resume_from is not None:
+        restore_checkpoint(run, resume_from)
+    return run
