@@ -1,4 +1,4 @@
-"""Task sensitivity of every teacher weight: Σ over seed samples of |θ ⊙ ∇θ L| (METHOD.md §1).
+"""Task sensitivity of every teacher weight: Σ over seed samples of |θ ⊙ ∇θ L| (docs/method.md §1).
 
 Accumulators are fp32 and filled *during* backward: a post-accumulate-grad hook folds each
 parameter's gradient into its accumulator and frees it at once, so peak memory is weights +
@@ -123,7 +123,7 @@ def accumulate_sensitivity(
 
 
 def layer_scores(sensitivity: Mapping[str, torch.Tensor] | SensitivityFile, layer_of, num_layers: int) -> list[float]:
-    """Summed sensitivity of every parameter inside each decoder layer (METHOD.md §2)."""
+    """Summed sensitivity of every parameter inside each decoder layer (docs/method.md §2)."""
     scores = [0.0] * num_layers
     for name in sensitivity.keys():
         layer = layer_of(name)
