@@ -95,7 +95,7 @@ def accumulate_sensitivity(
     Each sample is its own batch of one (`input_ids`, `labels` with -100 outside the answer);
     the model stays in evaluation mode so the result is deterministic.
     """
-    from tqdm.auto import tqdm
+    from paratransfer.console import progress as progress_bar
 
     accumulators = accumulators if accumulators is not None else new_accumulators(model)
     device = model.get_input_embeddings().weight.device  # the first device of a spread model
@@ -104,8 +104,8 @@ def accumulate_sensitivity(
     model.eval()
     try:
         with _accumulating(model, accumulators), torch.enable_grad():
-            for sample in tqdm(samples, total=total, desc="sensitivity", unit="sample",
-                               disable=not progress):
+            for sample in progress_bar(samples, total=total, desc="sensitivity", unit="sample",
+                                       enabled=progress):
                 ids = torch.tensor([list(sample["input_ids"])], device=device)
                 labels = torch.tensor([list(sample["labels"])], device=device)
                 if not bool((labels[0, 1:] != -100).any()):

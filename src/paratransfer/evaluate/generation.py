@@ -89,9 +89,9 @@ def _device(model) -> torch.device:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from paratransfer.console import progress as progress_bar
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="ex", leave=False)
+    return progress_bar(total=total, desc=desc, unit="ex", enabled=enabled)
 
 
 # --------------------------------------------------------------------------- generation
