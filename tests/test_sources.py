@@ -275,6 +275,17 @@ def test_any_dataset_through_a_column_mapping(tmp_path):
     assert info["columns"] == {"user": "prompt", "assistant": "response", "input": "ctx"}
 
 
+def test_eval_only_from_any_split(tmp_path, gsm_source):
+    """--train-count 0: no seeds or training file, the eval file from any split."""
+    info, out = build(tmp_path, "gsm", gsm_source, seeds_count=0, train_count=0, eval_split="train",
+                      eval_count=5)
+    assert sorted(p.name for p in out.iterdir()) == ["data.json", "eval.jsonl"]
+    assert info["counts"] == {"seeds": 0, "train": 0, "eval": 5}
+    assert info["splits"] == {"train": None, "eval": "train"}
+    ids = [r["id"] for r in read_jsonl(out / "eval.jsonl")]
+    assert ids == sorted(ids, key=lambda s: int(s.rsplit("_", 1)[1])) and len(set(ids)) == 5
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -197,7 +197,7 @@ def build_data(settings: DataSettings, out: str | Path, *, overwrite: bool = Fal
     where = settings.source
     train_spec = settings.train_split or fmt.train_split
     eval_spec = settings.eval_split or fmt.eval_split
-    if eval_spec == train_spec:
+    if settings.train_count and eval_spec == train_spec:
         raise UserError(f"--eval-split {eval_spec!r} is the training split (expected another "
                         "split, or 'rest' for the training split's rows not drawn for training)")
 
