@@ -5,7 +5,8 @@ A `TaskFormat` names the fields it reads, each with the column it is read from b
 usually lives on the Hugging Face hub. Records are `{"dataset", "id", "messages"}` (MMLU adds
 `category`), the shape `paratransfer.data` reads and `paratransfer.evaluate` scores.
 
-Hub ids, configs, splits and columns, as their dataset cards give them:
+Hub ids, configs, splits and columns, checked against each dataset's card on the hub (and, for
+Super-NI and LIMA, code that loads them with `datasets`):
 - `openai/gsm8k`, config `main`: `question`, `answer` (worked solution with `<<calc>>`
   annotations, ending in `#### N`); splits `train` (7,473), `test` (1,319).
 - `cais/mmlu`, config `all`: `question`, `subject`, `choices` (4 strings), `answer` (class
