@@ -16,6 +16,7 @@ from paratransfer.errors import UserError
 from paratransfer.experiment import run_experiment
 from paratransfer.recipe import load_recipe
 from paratransfer.results import paired_interval
+from tolerances import tolerance
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,22 @@ def test_contrast_sentences_say_what_the_interval_says():
     assert sentence("x", below).endswith("significant (the interval is below 0).")
     assert sentence("x", around).endswith("not significant (the interval includes 0).")
     assert "no conclusion" in sentence("x", paired_interval([0.5], [0.4]))
+
+
+def test_parallel_chains_compute_what_one_process_does(tiny_recipe, tmp_path):
+    """--jobs 2: the (arm, seed) chains run in two spawned processes; same adapters (to fp32
+    rounding: the workers may use another thread count) and the same results."""
+    recipe = load_recipe(tiny_recipe)
+    one = run_experiment(recipe, tmp_path / "one", progress=False, log=lambda line: None)
+    two = run_experiment(recipe, tmp_path / "two", progress=False, log=lambda line: None, jobs=2)
+    assert two["steps"]["ran"] == one["steps"]["ran"] == 12
+    assert _values(two) == _values(one)
+    for arm in ("transfer", "lora"):
+        for seed in (1, 2):
+            a, b = (load_file(str(tmp_path / run / "arms" / arm / f"seed-{seed}" / "train" /
+                                  "adapter_model.safetensors")) for run in ("one", "two"))
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], **tolerance(torch.float32))
+    with pytest.raises(UserError, match="--jobs"):
+        run_experiment(recipe, tmp_path / "three", progress=False, jobs=0)

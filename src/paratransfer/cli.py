@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/RECIPE_NAME)")
     p.add_argument("--resume", action="store_true", help="continue a run, skipping finished steps")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing run folder")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training chains (arm x seed) run at once, each in its own process "
+                        "(default 1; the results do not depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
@@ -153,7 +156,7 @@ def _cmd_run(args) -> int:
     recipe = load_recipe(args.recipe)
     out = args.out or f"runs/{recipe.name}"
     result = run_experiment(recipe, out, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.quiet)
+                            progress=not args.quiet, jobs=args.jobs)
     print()
     print(to_markdown(result))
     print(summary_line(result, out))

@@ -40,6 +40,7 @@ class Step:
     label: str
     done: Path
     work: Callable[[], str]  # does the step; returns what came out, in a few words
+    chain: tuple[str, int] | None = None  # (arm, seed) of a training chain; None: shared steps
 
 
 def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
@@ -177,21 +178,25 @@ class Runner:
         adapters: dict[str, Path] = {}
         extractions: dict[str, Path] = {}
         runs: dict[str, dict[int, Path]] = {}
+        chains: list[Step] = []
         for seed in recipe.seeds:
             for arm in recipe.arms:
                 adapter = None
                 if INITS[recipe.arm_settings(arm)["init"]].needs_adapter:
                     adapter, new = self.adapter_for(arm, seed, extractions)
-                    if new:
+                    if new:  # extractions are shared steps, done before any training
                         steps.append(self.extract_step(arm, seed, adapter, sens))
                     adapters.setdefault(arm, adapter)
                 run_dir = out / "arms" / arm / f"seed-{seed}"
-                steps.append(self.train_step(arm, seed, run_dir / "train", adapter))
-                steps.append(self.evaluate_step(f"evaluate {arm} seed {seed}", recipe.student,
-                                                run_dir / "eval", recipe.arm_settings(arm),
-                                                adapter=run_dir / "train"))
+                train = self.train_step(arm, seed, run_dir / "train", adapter)
+                evaluate = self.evaluate_step(f"evaluate {arm} seed {seed}", recipe.student,
+                                              run_dir / "eval", recipe.arm_settings(arm),
+                                              adapter=run_dir / "train")
+                train.chain = evaluate.chain = (arm, seed)
+                chains += [train, evaluate]
                 metrics[arm][seed] = run_dir / "eval" / "metrics.json"
                 runs.setdefault(arm, {})[seed] = run_dir / "train"
+        steps += chains
         return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens,
                        "runs": runs}
 
@@ -210,28 +215,82 @@ class Runner:
         self.ran.append((step.label, seconds))
         self.log(f"{where}: {said} ({seconds:.1f} s)")
 
-    def run(self) -> dict[str, Any]:
+    def run(self, jobs: int = 1) -> dict[str, Any]:
+        """The shared steps in order, then the (arm, seed) training chains: in order, or
+        `jobs` at a time in separate processes (each chain computes the same either way)."""
         from paratransfer.results import write_results
 
         steps, found = self.plan()
-        for i, step in enumerate(steps, start=1):
-            self.execute(i, len(steps), step)
+        numbered = list(enumerate(steps, start=1))
+        for i, step in numbered:
+            if step.chain is None:
+                self.execute(i, len(steps), step)
+        chains: dict[tuple[str, int], list[int]] = {}
+        for i, step in numbered:
+            if step.chain is not None:
+                chains.setdefault(step.chain, []).append(i)
+        if jobs <= 1 or len(chains) <= 1:
+            for indices in chains.values():
+                for i in indices:
+                    self.execute(i, len(steps), steps[i - 1])
+        else:
+            self.run_parallel(list(chains.values()), jobs)
         return write_results(self.out, self.recipe, found["metrics"], found["refs"],
                              found["adapters"], found["sens"], found["runs"])
+
+    def run_parallel(self, chains: list[list[int]], jobs: int) -> None:
+        """Each chain in a fresh process (spawned: no state shared with this one), `jobs` at a
+        time, the CPU's threads split between them; they print their own lines."""
+        import multiprocessing
+        import os
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(_run_chain, self.recipe, self.out, chain, threads)
+                       for chain in chains]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()
+            for f in futures:
+                if f.done() and not f.cancelled():
+                    ran, reused = f.result()  # raises the chain's error, if any
+                    self.ran += ran
+                    self.reused += reused
+
+
+def _run_chain(recipe: Recipe, out: Path, indices: list[int],
+               threads: int) -> tuple[list[tuple[str, float]], list[str]]:
+    """A worker process: plan the same run and execute these steps of it."""
+    import torch
+
+    from paratransfer.console import quiet_libraries
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
+    runner = Runner(recipe, out, progress=False)
+    steps, _ = runner.plan()
+    for i in indices:
+        runner.execute(i, len(steps), steps[i - 1])
+    return runner.ran, runner.reused
 
 
 def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
                    overwrite: bool = False, progress: bool = True,
                    on_step: StepHook | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """`paratransfer run`: every step of the recipe; returns results.json's content plus
+                   log: Callable[[str], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """`paratransfer run`: every step of the recipe (training chains `jobs` at a time in
+    separate processes); returns results.json's content plus
     `steps` (how many ran now, how many were complete already, seconds) for the summary."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (give one)")
     out = Path(out)
     prepare_out(out, recipe, resume, overwrite)
+    if jobs < 1:
+        raise UserError(f"--jobs: must be at least 1 (got {jobs})")
     runner = Runner(recipe, out, progress, on_step, log)
-    result = runner.run()
+    result = runner.run(jobs)
     return {**result, "steps": {"ran": len(runner.ran), "reused": len(runner.reused),
                                 "seconds": round(sum(s for _, s in runner.ran), 1)}}
 
