@@ -10,6 +10,7 @@ Layout of RUN_DIR:
     arms/ARM/seed-S/train/           training run (plain LoRA on the student)
     arms/ARM/seed-S/eval/            evaluation of student + that LoRA
     results.{json,md,png}, sensitivity.png
+    stability/                       the stability report, when the recipe asks for one
 """
 
 from __future__ import annotations
@@ -131,6 +132,19 @@ class Runner:
         self.step(f"train {arm} seed {seed}", folder / "train.json", work)
         return folder
 
+    def stability(self) -> Path:
+        """The stability report of the transfer arm's choices over subsets of the task's seeds."""
+        from paratransfer.pipeline import SensitivitySettings
+        from paratransfer.stability import StabilitySettings, run_stability
+
+        s, folder = self.recipe.settings, self.out / "stability"
+        settings = StabilitySettings.from_recipe(self.recipe.stability)
+        self.step("stability over seed subsets", folder / "stability.json", lambda: run_stability(
+            self.recipe.teacher, self.recipe.student, self.recipe.task.seeds, folder, settings,
+            ExtractSettings.from_recipe(s, settings.seed), SensitivitySettings.from_recipe(s),
+            dtype=self.dtype, device=self.device, overwrite=True, progress=self.progress))
+        return folder
+
     def run(self) -> dict[str, Any]:
         recipe = self.recipe
         sens = self.sensitivity()
@@ -153,7 +167,10 @@ class Runner:
                     recipe.arm_settings(arm), adapter=run_dir)
         from paratransfer.results import write_results
 
-        return write_results(self.out, recipe, metrics, refs, adapters, sens)
+        result = write_results(self.out, recipe, metrics, refs, adapters, sens)
+        if recipe.stability is not None:
+            self.stability()
+        return result
 
 
 def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
