@@ -65,6 +65,9 @@ def test_subset_sensitivity_is_the_directly_computed_sensitivity(model_pairs, tm
     (tmp_path / "work").mkdir()
     pool = compute_pool(load_model(teacher_dir), samples, tmp_path / "work", {}, progress=False)
     assert pool.indices == [0, 1, 3, 4, 5] and pool.considered == 6
+    first = SensitivityFile(pool.files[0].path)  # each per-sample file is a sensitivity file
+    assert set(first) == set(pool.files[0])
+    assert all(torch.equal(first[n], pool.files[0][n]) for n in first)
 
     members = [0, 2, 4]  # pool positions: records 0, 2 and 4
     direct = tmp_path / "direct.safetensors"

@@ -35,7 +35,9 @@ What a draw is compared on (Jaccard, window IoU, subspace similarity, chance lev
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -126,6 +128,44 @@ def check_extract_settings(settings) -> None:
 # --------------------------------------------------------------------------- the pool
 
 
+class SampleFile(Mapping[str, torch.Tensor]):
+    """One per-sample sensitivity file: its header read once, each tensor read at its offset.
+
+    A draw reads every parameter of k such files, so re-parsing the header on each read (as
+    `SensitivityFile` does, ~0.3 ms) would dominate for small models; no file stays mapped.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with self.path.open("rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        self._places: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for name, entry in header.items():
+            if entry["dtype"] != "F32":
+                raise ValueError(f"{self.path}: {name} is {entry['dtype']}, expected F32")
+            self._places[name] = (8 + size + entry["data_offsets"][0], tuple(entry["shape"]))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        start, shape = self._places[name]
+        out = torch.empty(shape, dtype=torch.float32)
+        with self.path.open("rb") as fh:
+            fh.seek(start)
+            if fh.readinto(memoryview(out.numpy()).cast("B")) != 4 * out.numel():
+                raise ValueError(f"{self.path}: {name} is cut short")
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._places
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._places)
+
+    def __len__(self) -> int:
+        return len(self._places)
+
+
 class SubsetSensitivity(Mapping[str, torch.Tensor]):
     """The sensitivity of a subset of the pool, one parameter at a time: Σ of its samples'."""
 
@@ -156,7 +196,7 @@ class SubsetSensitivity(Mapping[str, torch.Tensor]):
 class SamplePool:
     """Per-sample sensitivity files of the usable pool samples, and their per-layer sums."""
 
-    files: list  # SensitivityFile per usable sample
+    files: list[SampleFile]  # one per usable sample
     indices: list[int]  # each file's sample index in the seed file (0-based)
     layer_scores: list[list[float]]  # per usable sample, per teacher layer
     considered: int = 0  # samples in the seed file (usable or not)
@@ -180,7 +220,6 @@ def compute_pool(teacher: torch.nn.Module, samples: Sequence[Mapping[str, Sequen
 
     from paratransfer.arch import arch_for
     from paratransfer.sensitivity import (
-        SensitivityFile,
         accumulate_sensitivity,
         layer_scores,
         new_accumulators,
@@ -202,7 +241,7 @@ def compute_pool(teacher: torch.nn.Module, samples: Sequence[Mapping[str, Sequen
                 continue
             path = folder / f"sample-{i:06d}.safetensors"
             save_sensitivity(path, accumulators, {**metadata, "samples": 1, "pool_index": i})
-            pool.files.append(SensitivityFile(path))
+            pool.files.append(SampleFile(path))
             pool.indices.append(i)
             pool.layer_scores.append(layer_scores(accumulators, arch.layer_of, n_layers))
     return pool
