@@ -337,7 +337,7 @@ def recipe_file(tmp_path: Path, pair, seeds: Path, **extra) -> Path:
            "task": {"type": "gsm", "seeds": str(seeds),
                     "train": str(write_jsonl(tmp_path / "train.jsonl", arithmetic_records(4, 5))),
                     "eval": str(write_jsonl(tmp_path / "test.jsonl", arithmetic_records(2, 6)))},
-           "seeds": [1], "rank": 4, "alpha": 8, "max_length": 160, "max_steps": 1,
+           "seeds": [1], "references": [], "rank": 4, "alpha": 8, "max_length": 160, "max_steps": 1,
            "batch_size": 2, "micro_batch_size": 2, "limit": 2, "max_new_tokens": 4,
            "eval_batch_size": 2, "dtype": "float32", "device": "cpu", **extra}
     path = tmp_path / "recipe.yaml"
