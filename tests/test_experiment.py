@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,14 @@ def _values(result: dict) -> dict:
 
 def test_tiny_recipe_end_to_end_and_resume(tiny_recipe, tmp_path):
     recipe = load_recipe(tiny_recipe)
-    full = run_experiment(recipe, tmp_path / "full", progress=False, on_step=lambda m: None)
+    lines: list[str] = []
+    full = run_experiment(recipe, tmp_path / "full", progress=False, on_step=lambda m: None,
+                          log=lines.append)
+    # One line per step when it ends: sensitivity, 2 references, 1 extraction, 2 x 2 x
+    # (train, evaluate); nothing else.
+    assert len(lines) == 12 and full["steps"] == {**full["steps"], "ran": 12, "reused": 0}
+    assert all(re.fullmatch(r"\[\s*\d+/12\] [^\n\r]+: [^\n\r]+ \(\d+\.\d s\)", line)
+               for line in lines), lines
     assert {row["arm"] for row in full["arms"]} == {"transfer", "lora"}
     for row in full["arms"]:
         assert set(row["seeds"]) == {"1", "2"}

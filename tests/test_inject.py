@@ -1,4 +1,4 @@
-"""Transfer init: the student is unchanged at step 0 (METHOD.md §5), and a trained transfer
+"""Transfer init: the student is unchanged at step 0 (docs/method.md §5), and a trained transfer
 adapter converts into a plain rank-2r LoRA that computes the same on the unmodified student."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Teacher-to-student alignment: which teacher layers to keep, and which block of each matrix.
 
-The method (METHOD.md sections 2-3) keeps the student's number of teacher layers and, per
+The method (docs/method.md §2–3) keeps the student's number of teacher layers and, per
 module, the contiguous student-sized block of the teacher matrix with the largest summed
 sensitivity. The alternatives the paper compares against (first/last/uniform/random layers,
 rows-columns/random/first-block reduction) live in the same registries so that ablations are

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from paratransfer import __version__, cli_evaluate, cli_stability, cli_train
 from paratransfer.cli_options import add_common, add_extraction, add_seed_data
+from paratransfer.console import quiet_libraries
 from paratransfer.errors import UserError
 
 
@@ -137,7 +138,7 @@ def summarize_extraction(report: dict, out) -> str:
 
 
 def _cmd_run(args) -> int:
-    from paratransfer.experiment import run_experiment
+    from paratransfer.experiment import run_experiment, summary_line
     from paratransfer.recipe import load_recipe
     from paratransfer.results import to_markdown
 
@@ -145,8 +146,9 @@ def _cmd_run(args) -> int:
     out = args.out or f"runs/{recipe.name}"
     result = run_experiment(recipe, out, resume=args.resume, overwrite=args.overwrite,
                             progress=not args.quiet)
+    print()
     print(to_markdown(result))
-    print(f"outputs in {out}")
+    print(summary_line(result, out))
     return 0
 
 
@@ -160,6 +162,7 @@ def _cmd_demo(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of both `paratransfer` and `python -m paratransfer`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--judge-prompt-format", default="auto",
                    help="auto (the judge's chat template if any, else tulu), tulu or chat-template")
     p.add_argument("--prompt-format", default="tulu",
-                   help="tulu (METHOD.md §1, as `train` uses) or chat-template")
+                   help="tulu (docs/method.md §1, as `train` uses) or chat-template")
     add_common(p)
     p.set_defaults(func=_cmd_evaluate)
 

@@ -17,7 +17,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_seed_data(p: argparse.ArgumentParser) -> None:
     """How seed samples are rendered and cut (sensitivity and extraction)."""
     p.add_argument("--prompt-format", default="tulu",
-                   help="tulu (docs/method.md: prompt format) or chat-template")
+                   help="tulu (docs/method.md §1) or chat-template")
     p.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
     p.add_argument("--max-samples", type=int, default=None, help="use at most this many seed samples")
 

@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--prompt-format", default=d.prompt_format, help="tulu (METHOD.md §1) or chat-template")
+    p.add_argument("--prompt-format", default=d.prompt_format, help="tulu (docs/method.md §1) or chat-template")
     add_common(p)
     p.set_defaults(func=_cmd_train)
 

@@ -1,4 +1,4 @@
-"""Records -> prompts -> tokens with answer-only labels (METHOD.md section 1).
+"""Records -> prompts -> tokens with answer-only labels (docs/method.md §1).
 
 A JSONL file holds one record per line in one of the shapes of `CONVERTERS` (chat, alpaca,
 GSM8K). Each record becomes an `Example` (a conversation ending with an assistant turn).
@@ -225,7 +225,7 @@ def _eos(tokenizer) -> str:
 
 
 def _tulu(messages: tuple[dict[str, str], ...], tokenizer) -> tuple[str, str]:
-    """Tulu / Open-Instruct format of METHOD.md section 1.
+    """Tulu / Open-Instruct format (docs/method.md §1, prompt format).
 
     Turns are `<|role|>\\n` + content.strip() + `\\n\\n`; an earlier assistant turn ends with
     EOS + `\\n` instead, as Open-Instruct's `_concat_messages` writes it, so multi-turn prompts
@@ -303,7 +303,7 @@ def tokenize_example(
 
     Both texts are tokenized with the tokenizer's defaults (its own BOS, if it adds one, and
     nothing else); the answer starts at the token length of the prompt tokenized on its own
-    (METHOD.md section 1 step 3). Truncation may leave no answer token: see `has_answer`.
+    (docs/method.md §1 step 3). Truncation may leave no answer token: see `has_answer`.
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise UserError(f"max_length must be a positive integer, got {max_length!r}")

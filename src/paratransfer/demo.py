@@ -131,9 +131,8 @@ def cache_root() -> Path:
 def pretrain(model: torch.nn.Module, tokenizer, records: list[dict], steps: int, lr: float,
              seed: int, label: str) -> list[float]:
     """Full-parameter training from scratch (answer-only loss), deterministic for a seed."""
-    from tqdm.auto import tqdm
-
     from paratransfer import data
+    from paratransfer.console import progress as progress_bar
 
     examples = [data.tokenize_example(
         data.example_from_record(r, source=f"{label}:{i}", default_id=str(i)), tokenizer)
@@ -144,7 +143,7 @@ def pretrain(model: torch.nn.Module, tokenizer, records: list[dict], steps: int,
     pad = tokenizer.pad_token_id
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(steps), desc=f"pretrain {label}", unit="step")
+    bar = progress_bar(range(steps), desc=f"pretrain {label}", unit="step")
     for _ in bar:
         idx = torch.randint(len(examples), (PRETRAIN_BATCH,), generator=gen).tolist()
         batch = [examples[i] for i in idx]
@@ -230,7 +229,7 @@ def demo_recipe(world: Path) -> Path:
 
 def run_demo(out: str | Path | None = None, cache: Path | None = None) -> dict:
     """Build (or reuse) the world, run the recipe (resuming a previous demo run), print the table."""
-    from paratransfer.experiment import run_experiment
+    from paratransfer.experiment import run_experiment, summary_line
     from paratransfer.recipe import load_recipe
     from paratransfer.results import to_markdown
 
@@ -245,6 +244,5 @@ def run_demo(out: str | Path | None = None, cache: Path | None = None) -> dict:
                             progress=True)
     print()
     print(to_markdown(result))
-    print(f"outputs in {out}: results.md, results.json, results.png, sensitivity.png "
-          f"({math.ceil(time.time() - started)} s)")
+    print(summary_line(result, out) + f" (demo: {math.ceil(time.time() - started)} s in all)")
     return result

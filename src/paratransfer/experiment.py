@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,17 @@ from paratransfer.outputs import write_json
 from paratransfer.recipe import Recipe
 from paratransfer.train.settings import TrainSettings
 
-#: Called with a short description before each step starts (progress for people, hooks for tests).
+#: Called with "[run ] LABEL" or "[done] LABEL" before each step (a hook for tests and tools).
 StepHook = Callable[[str], None]
+
+
+@dataclass
+class Step:
+    """One step of a run: what it is, the file that exists once it is complete, the work."""
+
+    label: str
+    done: Path
+    work: Callable[[], str]  # does the step; returns what came out, in a few words
 
 
 def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
@@ -57,128 +67,179 @@ def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Non
 
 
 class Runner:
-    """Runs a recipe's steps in order, skipping those whose output is already complete."""
+    """Plans a recipe's steps, then runs them in order, skipping those already complete.
+
+    Prints one line per step when it ends (`[ k/N] label: what came out (seconds)`); the steps'
+    own progress bars show only on a terminal and vanish when done.
+    """
 
     def __init__(self, recipe: Recipe, out: Path, progress: bool = True,
-                 on_step: StepHook | None = None):
+                 on_step: StepHook | None = None, log: Callable[[str], None] | None = None):
         from paratransfer.devices import pick_device, pick_dtype
 
         self.recipe, self.out, self.progress = recipe, out, progress
-        self.on_step = on_step or (lambda msg: print(msg, flush=True))
+        self.on_step = on_step or (lambda msg: None)
+        self.log = log or (lambda line: print(line, flush=True))
         self.device = pick_device(recipe.settings["device"])
         self.dtype = pick_dtype(recipe.settings["dtype"], self.device)
-        self.done: list[str] = []
+        self.ran: list[tuple[str, float]] = []  # steps run now, with their seconds
+        self.reused: list[str] = []  # steps complete from an earlier run
 
-    def step(self, label: str, complete: Path, work: Callable[[], Any]) -> None:
-        """Run `work` unless `complete` (its final output file) exists."""
-        if complete.exists():
-            self.on_step(f"[done] {label}")
-            return
-        self.on_step(f"[run ] {label}")
-        started = time.time()
-        work()
-        self.done.append(f"{label} ({time.time() - started:.1f}s)")
-
-    # -- steps ---------------------------------------------------------------------------
-    def sensitivity(self) -> Path:
+    # -- the steps -----------------------------------------------------------------------
+    def sensitivity_step(self, path: Path) -> Step:
         from paratransfer.pipeline import SensitivitySettings, run_sensitivity
 
-        s, path = self.recipe.settings, self.out / "sensitivity.safetensors"
-        settings = SensitivitySettings.from_recipe(s)
-        self.step("sensitivity of the teacher", path, lambda: run_sensitivity(
-            self.recipe.teacher, self.recipe.task.seeds, path, settings, self.dtype,
-            self.device, overwrite=True, progress=self.progress))
-        return path
+        def work() -> str:
+            meta = run_sensitivity(self.recipe.teacher, self.recipe.task.seeds, path,
+                                   SensitivitySettings.from_recipe(self.recipe.settings),
+                                   self.dtype, self.device, overwrite=True,
+                                   progress=self.progress)
+            return f"{meta['samples']} seed samples"
 
-    def evaluate(self, label: str, model: str, out: Path, s: dict[str, Any],
-                 adapter: Path | None = None) -> Path:
+        return Step("sensitivity of the teacher", path, work)
+
+    def evaluate_step(self, label: str, model: str, out: Path, s: dict[str, Any],
+                      adapter: Path | None = None) -> Step:
         from paratransfer.evaluate.run import run_evaluate
 
-        self.step(label, out / "metrics.json", lambda: run_evaluate(
-            model, self.recipe.task.eval, out, EvalSettings.from_recipe(self.recipe.task.type, s), adapter=adapter,
-            shots_data=s["shots_data"] if s["shots"] else None, dtype=self.dtype, device=self.device, overwrite=True,
-            progress=self.progress))
-        return out / "metrics.json"
+        def work() -> str:
+            m = run_evaluate(model, self.recipe.task.eval, out,
+                             EvalSettings.from_recipe(self.recipe.task.type, s), adapter=adapter,
+                             shots_data=s["shots_data"] if s["shots"] else None, dtype=self.dtype,
+                             device=self.device, overwrite=True, progress=self.progress)
+            return f"{m['metric']} {m['value']:.4f} on {m['n']} examples"
 
-    def extract(self, arm: str, seed: int, sens: Path) -> Path | None:
+        return Step(label, out / "metrics.json", work)
+
+    def extract_step(self, arm: str, seed: int, folder: Path, sens: Path) -> Step:
         from paratransfer.pipeline import run_extract
 
         s = self.recipe.arm_settings(arm)
-        if s["init"] != "transfer":
-            return None
-        name = f"adapter-seed{seed}" if self.recipe.uses_random(arm) else "adapter"
-        folder = self.out / "arms" / arm / name
-        self.step(f"extract {arm}" + (f" (seed {seed})" if "seed" in name else ""),
-                  folder / "transfer.json", lambda: run_extract(
-                      self.recipe.teacher, self.recipe.student, folder,
-                      ExtractSettings.from_recipe(s, seed), sensitivity_path=sens,
-                      dtype=self.dtype, device=self.device, overwrite=True,
-                      progress=self.progress))
-        return folder
 
-    def train(self, arm: str, seed: int, adapter: Path | None) -> Path:
+        def work() -> str:
+            report = run_extract(self.recipe.teacher, self.recipe.student, folder,
+                                 ExtractSettings.from_recipe(s, seed), sensitivity_path=sens,
+                                 dtype=self.dtype, device=self.device, overwrite=True,
+                                 progress=self.progress)
+            return (f"teacher layers {report['selected_layers']}, "
+                    f"{len(report['modules'])} matrices")
+
+        label = f"extract {arm}" + (f" (seed {seed})" if self.recipe.uses_random(arm) else "")
+        return Step(label, folder / "transfer.json", work)
+
+    def train_step(self, arm: str, seed: int, folder: Path, adapter: Path | None) -> Step:
         from paratransfer.train import last_checkpoint, run_train
 
         s = self.recipe.arm_settings(arm)
-        folder = self.out / "arms" / arm / f"seed-{seed}" / "train"
 
-        def work() -> None:
+        def work() -> str:
             resume = last_checkpoint(folder) is not None
-            run_train(self.recipe.student, self.recipe.task.train, folder,
-                      TrainSettings.from_recipe(s, seed), adapter_dir=adapter, dtype=self.dtype,
-                      device=self.device, resume=resume, overwrite=not resume,
-                      progress=self.progress)
+            result = run_train(self.recipe.student, self.recipe.task.train, folder,
+                               TrainSettings.from_recipe(s, seed), adapter_dir=adapter,
+                               dtype=self.dtype, device=self.device, resume=resume,
+                               overwrite=not resume, progress=self.progress)
+            info = result.summary
+            return f"{info['steps_done']} steps, final loss {info['final_loss']:.4f}"
 
-        self.step(f"train {arm} seed {seed}", folder / "train.json", work)
-        return folder
+        return Step(f"train {arm} seed {seed}", folder / "train.json", work)
 
-    def stability(self) -> Path:
-        """The stability report of the transfer arm's choices over subsets of the task's seeds."""
+    def stability_step(self, folder: Path) -> Step:
+        """The stability report of the transfer settings' choices over subsets of the seeds."""
         from paratransfer.pipeline import SensitivitySettings
         from paratransfer.stability import StabilitySettings, run_stability
 
-        s, folder = self.recipe.settings, self.out / "stability"
+        s = self.recipe.settings
         settings = StabilitySettings.from_recipe(self.recipe.stability)
-        self.step("stability over seed subsets", folder / "stability.json", lambda: run_stability(
-            self.recipe.teacher, self.recipe.student, self.recipe.task.seeds, folder, settings,
-            ExtractSettings.from_recipe(s, settings.seed), SensitivitySettings.from_recipe(s),
-            dtype=self.dtype, device=self.device, overwrite=True, progress=self.progress))
-        return folder
 
-    def run(self) -> dict[str, Any]:
-        recipe = self.recipe
-        sens = self.sensitivity()
+        def work() -> str:
+            report = run_stability(self.recipe.teacher, self.recipe.student,
+                                   self.recipe.task.seeds, folder, settings,
+                                   ExtractSettings.from_recipe(s, settings.seed),
+                                   SensitivitySettings.from_recipe(s), dtype=self.dtype,
+                                   device=self.device, overwrite=True, progress=self.progress)
+            jaccard = ", ".join(f"{x['size']}: {x['layers']['mean']:.2f}" for x in report["sizes"])
+            return f"{report['pool']['samples']} pool samples; layers Jaccard by size {jaccard}"
+
+        return Step("stability over seed subsets", folder / "stability.json", work)
+
+    # -- the plan and its execution ------------------------------------------------------
+    def plan(self) -> tuple[list[Step], dict[str, Any]]:
+        """Every step in order, and where the results table finds their outputs."""
+        recipe, out = self.recipe, self.out
+        sens = out / "sensitivity.safetensors"
+        steps = [self.sensitivity_step(sens)]
         refs: dict[str, Path] = {}
         for who in recipe.references:
+            folder = out / "reference" / who
             model = recipe.student if who == "student" else recipe.teacher
-            refs[who] = self.evaluate(f"evaluate the {who} (reference)", model,
-                                      self.out / "reference" / who, recipe.settings)
+            steps.append(self.evaluate_step(f"evaluate the {who} (reference)", model, folder,
+                                            recipe.settings))
+            refs[who] = folder / "metrics.json"
         metrics: dict[str, dict[int, Path]] = {arm: {} for arm in recipe.arms}
         adapters: dict[str, Path] = {}
         for seed in recipe.seeds:
             for arm in recipe.arms:
-                adapter = self.extract(arm, seed, sens)
-                if adapter is not None:
+                adapter = None
+                if recipe.arm_settings(arm)["init"] == "transfer":
+                    name = f"adapter-seed{seed}" if recipe.uses_random(arm) else "adapter"
+                    adapter = out / "arms" / arm / name
+                    if adapter not in adapters.values() or recipe.uses_random(arm):
+                        steps.append(self.extract_step(arm, seed, adapter, sens))
                     adapters.setdefault(arm, adapter)
-                run_dir = self.train(arm, seed, adapter)
-                metrics[arm][seed] = self.evaluate(
-                    f"evaluate {arm} seed {seed}", recipe.student,
-                    self.out / "arms" / arm / f"seed-{seed}" / "eval",
-                    recipe.arm_settings(arm), adapter=run_dir)
+                run_dir = out / "arms" / arm / f"seed-{seed}"
+                steps.append(self.train_step(arm, seed, run_dir / "train", adapter))
+                steps.append(self.evaluate_step(f"evaluate {arm} seed {seed}", recipe.student,
+                                                run_dir / "eval", recipe.arm_settings(arm),
+                                                adapter=run_dir / "train"))
+                metrics[arm][seed] = run_dir / "eval" / "metrics.json"
+        if recipe.stability is not None:
+            steps.append(self.stability_step(out / "stability"))
+        return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens}
+
+    def execute(self, index: int, total: int, step: Step) -> None:
+        """Run one step unless complete; one line when it ends."""
+        where = f"[{index:>{len(str(total))}}/{total}] {step.label}"
+        if step.done.exists():
+            self.on_step(f"[done] {step.label}")
+            self.reused.append(step.label)
+            self.log(f"{where}: complete from an earlier run")
+            return
+        self.on_step(f"[run ] {step.label}")
+        started = time.perf_counter()
+        said = step.work()
+        seconds = time.perf_counter() - started
+        self.ran.append((step.label, seconds))
+        self.log(f"{where}: {said} ({seconds:.1f} s)")
+
+    def run(self) -> dict[str, Any]:
         from paratransfer.results import write_results
 
-        result = write_results(self.out, recipe, metrics, refs, adapters, sens)
-        if recipe.stability is not None:
-            self.stability()
-        return result
+        steps, found = self.plan()
+        for i, step in enumerate(steps, start=1):
+            self.execute(i, len(steps), step)
+        return write_results(self.out, self.recipe, found["metrics"], found["refs"],
+                             found["adapters"], found["sens"])
 
 
 def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
                    overwrite: bool = False, progress: bool = True,
-                   on_step: StepHook | None = None) -> dict[str, Any]:
-    """`paratransfer run`: every step of the recipe; returns results.json's content."""
+                   on_step: StepHook | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`paratransfer run`: every step of the recipe; returns results.json's content plus
+    `steps` (how many ran now, how many were complete already, seconds) for the summary."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (give one)")
     out = Path(out)
     prepare_out(out, recipe, resume, overwrite)
-    return Runner(recipe, out, progress, on_step).run()
+    runner = Runner(recipe, out, progress, on_step, log)
+    result = runner.run()
+    return {**result, "steps": {"ran": len(runner.ran), "reused": len(runner.reused),
+                                "seconds": round(sum(s for _, s in runner.ran), 1)}}
+
+
+def summary_line(result: dict[str, Any], out: Path | str) -> str:
+    """The last line of `run` and `demo`: what was done, and where the outputs are."""
+    steps = result["steps"]
+    reused = f", {steps['reused']} complete from an earlier run" if steps["reused"] else ""
+    return (f"{steps['ran']} steps run in {steps['seconds']:.0f} s{reused}; outputs in {out}: "
+            "results.md, results.json, results.png, sensitivity.png")

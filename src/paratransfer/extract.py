@@ -1,4 +1,4 @@
-"""Extraction (METHOD.md §2–4): teacher + sensitivity -> LoRA factors shaped for the student.
+"""Extraction (docs/method.md §2–4): teacher + sensitivity -> LoRA factors shaped for the student.
 
 For each student module that holds a selected role, every role part is cut out of the
 teacher's matrix for that role in the selected teacher layer (by the reduction strategy), the

@@ -1,4 +1,4 @@
-"""Rank-r factorization of a reduced teacher block into LoRA factors (METHOD.md section 4).
+"""Rank-r factorization of a reduced teacher block into LoRA factors (docs/method.md §4).
 
 W ~= B @ A with B = U_r Σ_r [m, r] and A = V_rᵀ [r, n]: the best rank-r approximation
 (Eckart-Young), which becomes the starting point of the student's LoRA pair.

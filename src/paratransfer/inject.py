@@ -1,6 +1,6 @@
 """Residual initialization from an extracted adapter, and conversion back to a plain LoRA.
 
-Transfer init (METHOD.md §5): every LoRA module starts at the extracted factors (B0, A0) and
+Transfer init (docs/method.md §5): every LoRA module starts at the extracted factors (B0, A0) and
 its base weight W becomes W - s·B0·A0 (s = alpha / r), so that at step 0 the student computes
 exactly what it computed before. The base weights are changed in memory only.
 

@@ -214,7 +214,7 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
     """`paratransfer extract`: write a PEFT adapter + transfer.json + layer plot into `out`."""
     from paratransfer.adapter import write_adapter
     from paratransfer.extract import extract, settings_dict, vocabulary_for
-    from paratransfer.report import plot_layer_scores
+    from paratransfer.plots import plot_layer_scores
     from paratransfer.sensitivity import SensitivityFile
 
     refuse_existing(out, overwrite)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from paratransfer.outputs import atomic_file, write_json
+from paratransfer.plots import plot_results, plot_sensitivity
+from paratransfer.sensitivity import SensitivityFile
 
 #: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96).
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -103,73 +105,11 @@ def verdict(rows: list[dict[str, Any]]) -> str:
             f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}] includes 0.")
 
 
-def plot_results(result: dict[str, Any], path: Path) -> None:
-    """Bars with std error bars per arm, each seed as a dot, reference rows as lines."""
-    import matplotlib
+def _config(model_id: str):
+    """The model's config (for where its roles live), without loading weights."""
+    from transformers import AutoConfig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = result["arms"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 3, 3.8), dpi=110)
-    xs = range(len(arms))
-    colors = ["tab:orange" if a["arm"] == "transfer" else "tab:blue" if a["arm"] == "lora"
-              else "tab:green" for a in arms]
-    ax.bar(xs, [a["mean"] for a in arms], yerr=[a["std"] for a in arms], capsize=6,
-           color=colors, alpha=0.85)
-    for x, a in zip(xs, arms, strict=True):
-        vals = list(a["seeds"].values())
-        ax.scatter([x] * len(vals), vals, color="black", s=12, zorder=3)
-    for ref, style in zip(result["references"], ["--", ":"], strict=False):
-        ax.axhline(ref["value"], linestyle=style, color="gray", label=f"{ref['name']} (reference)")
-    ax.set_xticks(list(xs), [a["arm"] for a in arms])
-    ax.set_ylabel(result["metric"])
-    ax.set_title(f"{result['name']}: {result['task']} — mean ± std over {len(result['seeds'])} seeds")
-    if result["references"]:
-        ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_sensitivity(transfer_json: Path, path: Path, max_modules: int = 8) -> None:
-    """Per-layer scores with the selected layers marked, and the chosen windows on their
-    teacher matrices (for the first selected layer's modules, the embedding and the head)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    report = _read(transfer_json)
-    scores, selected = report["layer_scores"], set(report["selected_layers"])
-    first = min(selected) if selected else None
-    entries = [e for e in report["modules"] if e.get("window") is not None
-               and e.get("teacher_layer") in (None, first)][:max_modules]
-    cols = max(1, min(4, len(entries)))
-    rows = 1 + math.ceil(len(entries) / cols)
-    fig = plt.figure(figsize=(3.2 * cols + 1, 2.8 * rows), dpi=100)
-    ax = fig.add_subplot(rows, 1, 1)
-    ax.bar(range(len(scores)), scores,
-           color=["tab:orange" if i in selected else "tab:gray" for i in range(len(scores))])
-    ax.set_title("teacher layer sensitivity (orange: selected)")
-    ax.set_xlabel("teacher layer")
-    ax.set_xticks(range(len(scores)))
-    for i, e in enumerate(entries):
-        a = fig.add_subplot(rows, cols, cols + i + 1)
-        (m, n), (r, c) = e["teacher_shape"], e["window"]
-        rows_s, cols_s = e["student_shape"]
-        a.add_patch(Rectangle((0, 0), n, m, fill=False, edgecolor="black"))
-        a.add_patch(Rectangle((c, r), cols_s, rows_s, color="tab:orange", alpha=0.5))
-        a.set_xlim(0, n)
-        a.set_ylim(m, 0)
-        a.set_aspect("auto")
-        a.set_title(f"{e['role']} L{e['teacher_layer']}" if e["teacher_layer"] is not None
-                    else e["role"], fontsize=9)
-        a.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return AutoConfig.from_pretrained(model_id)
 
 
 def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: dict[str, Path],
@@ -195,6 +135,7 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
     main_adapter = adapters.get("transfer") or next(iter(adapters.values()), None)
     if main_adapter is not None:
         with atomic_file(out / "sensitivity.png", overwrite=True) as tmp:
-            plot_sensitivity(main_adapter / "transfer.json", tmp.with_suffix(".png"))
+            plot_sensitivity(_read(main_adapter / "transfer.json"), tmp.with_suffix(".png"),
+                             SensitivityFile(sens), _config(recipe.teacher))
             tmp.with_suffix(".png").replace(tmp)
     return result

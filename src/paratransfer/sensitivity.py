@@ -1,4 +1,4 @@
-"""Task sensitivity of every teacher weight: Σ over seed samples of |θ ⊙ ∇θ L| (METHOD.md §1).
+"""Task sensitivity of every teacher weight: Σ over seed samples of |θ ⊙ ∇θ L| (docs/method.md §1).
 
 Accumulators are fp32 and filled *during* backward: a post-accumulate-grad hook folds each
 parameter's gradient into its accumulator and frees it at once, so peak memory is weights +
@@ -95,7 +95,7 @@ def accumulate_sensitivity(
     Each sample is its own batch of one (`input_ids`, `labels` with -100 outside the answer);
     the model stays in evaluation mode so the result is deterministic.
     """
-    from tqdm.auto import tqdm
+    from paratransfer.console import progress as progress_bar
 
     accumulators = accumulators if accumulators is not None else new_accumulators(model)
     device = model.get_input_embeddings().weight.device  # the first device of a spread model
@@ -104,8 +104,8 @@ def accumulate_sensitivity(
     model.eval()
     try:
         with _accumulating(model, accumulators), torch.enable_grad():
-            for sample in tqdm(samples, total=total, desc="sensitivity", unit="sample",
-                               disable=not progress):
+            for sample in progress_bar(samples, total=total, desc="sensitivity", unit="sample",
+                                       enabled=progress):
                 ids = torch.tensor([list(sample["input_ids"])], device=device)
                 labels = torch.tensor([list(sample["labels"])], device=device)
                 if not bool((labels[0, 1:] != -100).any()):
@@ -123,7 +123,7 @@ def accumulate_sensitivity(
 
 
 def layer_scores(sensitivity: Mapping[str, torch.Tensor] | SensitivityFile, layer_of, num_layers: int) -> list[float]:
-    """Summed sensitivity of every parameter inside each decoder layer (METHOD.md §2)."""
+    """Summed sensitivity of every parameter inside each decoder layer (docs/method.md §2)."""
     scores = [0.0] * num_layers
     for name in sensitivity.keys():
         layer = layer_of(name)

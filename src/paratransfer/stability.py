@@ -216,9 +216,8 @@ def compute_pool(teacher: torch.nn.Module, samples: Sequence[Mapping[str, Sequen
     Samples with nothing to predict (answer truncated away) are left out, as `sensitivity`
     leaves them out of its sum.
     """
-    from tqdm.auto import tqdm
-
     from paratransfer.arch import arch_for
+    from paratransfer.console import progress as progress_bar
     from paratransfer.sensitivity import (
         accumulate_sensitivity,
         layer_scores,
@@ -230,8 +229,8 @@ def compute_pool(teacher: torch.nn.Module, samples: Sequence[Mapping[str, Sequen
     n_layers = arch.num_layers(teacher)
     accumulators = new_accumulators(teacher)
     pool = SamplePool([], [], [], considered=len(samples))
-    with tqdm(total=len(samples), desc="per-sample sensitivity", unit="sample",
-              disable=not progress) as bar:
+    with progress_bar(total=len(samples), desc="per-sample sensitivity", unit="sample",
+                      enabled=progress) as bar:
         for i, sample in enumerate(samples):
             for acc in accumulators.values():
                 acc.zero_()
@@ -300,10 +299,9 @@ def run_stability(teacher_id: str, student_id: str, seeds: str | Path, out: str 
                   overwrite: bool = False, progress: bool = True,
                   work_dir: str | Path | None = None) -> dict[str, Any]:
     """`paratransfer stability`: write stability.json, stability.png and stability.md to `out`."""
-    from tqdm.auto import tqdm
-
     from paratransfer import data
     from paratransfer.arch import arch_for
+    from paratransfer.console import progress as progress_bar
     from paratransfer.extract import extract, vocabulary_for
     from paratransfer.models import fingerprint, load_model, model_label
     from paratransfer.outputs import atomic_dir, refuse_existing
@@ -345,8 +343,8 @@ def run_stability(teacher_id: str, student_id: str, seeds: str | Path, out: str 
             full = choose(range(len(pool)))
             full_choice = choice_of(full)
             draws: dict[int, list[dict[str, Any]]] = {}
-            with tqdm(total=len(sizes) * settings.draws, desc="draws", unit="draw",
-                      disable=not progress) as bar:
+            with progress_bar(total=len(sizes) * settings.draws, desc="draws", unit="draw",
+                              enabled=progress) as bar:
                 for k, members_list in subsets.items():
                     for members in members_list:
                         choice = choice_of(choose(members))

@@ -71,7 +71,7 @@ def stream_sensitivity(
     tensor)` (under torch.distributed, summed over the processes first and sunk on rank 0 only).
     Returns the number of samples used (those with at least one answer token to predict).
     """
-    from tqdm.auto import tqdm
+    from paratransfer.console import progress as progress_bar
 
     teacher = teacher or StreamedTeacher(weights, dtype, device)
     device = teacher.device
@@ -90,7 +90,8 @@ def stream_sensitivity(
                 sink(name, acc)
 
     L = teacher.num_layers
-    bar = tqdm(total=2 * L + 4, desc="sensitivity (streamed)", unit="stage", disable=not progress)
+    bar = progress_bar(total=2 * L + 4, desc="sensitivity (streamed)", unit="stage",
+                       enabled=progress)
     try:
         resident = teacher.load(teacher.resident, requires_grad=True)
         resident_acc = _zeros_like(resident)

@@ -1,4 +1,4 @@
-"""Evaluation tasks (METHOD.md section 7): the name a user types -> a small declarative `Task`.
+"""Evaluation tasks (docs/method.md §7): the name a user types -> a small declarative `Task`.
 
 As in lm-evaluation-harness, a task only *describes*: how a record becomes an `Item` (the
 conversation to prompt with and the gold answer), how an output is parsed and scored, which

@@ -1,7 +1,7 @@
 """The model loop every task shares: batched greedy generation and choice log-likelihoods.
 
 Prompts are tokenized with the tokenizer's defaults, exactly as training tokenizes them
-(METHOD.md section 1, step 3). Batches are cut from the prompts sorted by length, longest
+(docs/method.md §1, step 3). Batches are cut from the prompts sorted by length, longest
 first (little padding, and a batch too big for memory fails at once); results come back in the
 input order. Generation pads on the left, so every prompt ends where the new tokens start, and
 passes the attention mask (from which `generate` also derives positions), so a prompt's output
@@ -89,9 +89,9 @@ def _device(model) -> torch.device:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from paratransfer.console import progress as progress_bar
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="ex", leave=False)
+    return progress_bar(total=total, desc=desc, unit="ex", enabled=enabled)
 
 
 # --------------------------------------------------------------------------- generation

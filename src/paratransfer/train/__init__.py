@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the student: setup -> train -> save (docs/method.md, fine-tuning).
+"""LoRA fine-tuning of the student: setup -> train -> save (docs/method.md §6).
 
 Every arm runs every line here; they differ only in `setup.init_lora`: the standard arm keeps
 PEFT's default init (A random, B zero), the transfer arm loads the extracted factors and

@@ -85,15 +85,15 @@ def train_step(run: Run, step: int, scaler) -> dict:
 
 def train(run: Run, progress: bool, stop_after: int | None) -> bool:
     """The loop: steps from where the run stands, checkpoints; True when all steps are done."""
-    from tqdm.auto import tqdm
+    from paratransfer.console import progress as progress_bar
 
     s = run.settings
     end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
     scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda"
                                   and run.dtype == torch.float16)
     run.model.train()
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=f"train ({s.init})",
-               disable=not progress or not run.dist.main, dynamic_ncols=True)
+    bar = progress_bar(total=run.total_steps, initial=run.start_step, desc=f"train ({s.init})",
+                       unit="step", enabled=progress and run.dist.main)
     for step in range(run.start_step, end):
         started = time.perf_counter()
         entry = train_step(run, step, scaler)

@@ -1,5 +1,5 @@
 """Every choice of a training run, in one frozen dataclass; the defaults are the paper's recipe
-(docs/method.md, fine-tuning)."""
+(docs/method.md §6)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Every choice of a training run; the defaults are the paper's recipe (METHOD.md §6)."""
+    """Every choice of a training run; the defaults are the paper's recipe (docs/method.md §6)."""
 
     init: str = "transfer"  # transfer (extracted factors, residual base) | standard (PEFT default)
     epochs: int = 3
