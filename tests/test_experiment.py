@@ -150,3 +150,40 @@ def test_shipped_example_recipes_validate(path):
     assert first.startswith("# paratransfer run "), "each example starts with its command"
     recipe = load_recipe(path)
     assert "lora" in recipe.arms and "transfer" in recipe.arms
+
+
+def test_control_arms_contrasts_and_heldout_curves(tiny_recipe, tmp_path):
+    """Arms pissa and spectrum run beside transfer and lora; spectrum reads transfer's adapter;
+    the results give each contrast with its interval and sentence, and the held-out curves."""
+    task = yaml.safe_load(tiny_recipe.read_text())["task"]
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", arithmetic_records(4, seed=8))
+    arms = {"transfer": {}, "lora": {"init": "standard"}, "pissa": {"init": "pissa"},
+            "spectrum": {"init": "spectrum"}}
+    recipe = load_recipe(_write(tmp_path, tiny_recipe, arms=arms, eval_every=1, limit=2,
+                                task={**task, "heldout": str(heldout)}))
+    lines: list[str] = []
+    result = run_experiment(recipe, tmp_path / "run", progress=False, log=lines.append)
+    assert sum(" extract " in f" {line} " for line in lines) == 1  # spectrum shares it
+    spectrum_run = json.loads((tmp_path / "run" / "arms" / "spectrum" / "seed-1" / "train" /
+                               "train.json").read_text())
+    assert spectrum_run["adapter"] == str((tmp_path / "run" / "arms" / "transfer" / "adapter").resolve())
+    said = {c["contrast"]: c for c in result["contrasts"]}
+    assert set(said) == {"transfer − lora", "transfer − spectrum", "transfer − pissa"}
+    assert all(c["n"] == 2 and c["sentence"] for c in said.values())
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "the teacher's directions (transfer − spectrum): " in md
+    curves = result["heldout_curves"]
+    assert set(curves) == set(arms) and all(c["step"] == [0, 1, 2] for c in curves.values())
+    assert (tmp_path / "run" / "results.png").stat().st_size > 0
+
+
+def test_contrast_sentences_say_what_the_interval_says():
+    from paratransfer.results import sentence
+
+    above = paired_interval([0.5, 0.6, 0.7], [0.3, 0.35, 0.45])
+    below = paired_interval([0.3, 0.35, 0.45], [0.5, 0.6, 0.7])
+    around = paired_interval([0.5, 0.3, 0.6], [0.4, 0.5, 0.5])
+    assert sentence("x", above).endswith("significant (the interval is above 0).")
+    assert sentence("x", below).endswith("significant (the interval is below 0).")
+    assert sentence("x", around).endswith("not significant (the interval includes 0).")
+    assert "no conclusion" in sentence("x", paired_interval([0.5], [0.4]))

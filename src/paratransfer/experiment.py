@@ -26,7 +26,8 @@ from paratransfer.errors import UserError
 from paratransfer.evaluate.run import EvalSettings
 from paratransfer.extract import ExtractSettings
 from paratransfer.outputs import write_json
-from paratransfer.recipe import Recipe
+from paratransfer.recipe import STEP_KEYS, Recipe
+from paratransfer.train.inits import INITS
 from paratransfer.train.settings import TrainSettings
 
 #: Called with "[run ] LABEL" or "[done] LABEL" before each step (a hook for tests and tools).
@@ -137,7 +138,8 @@ class Runner:
             result = run_train(self.recipe.student, self.recipe.task.train, folder,
                                TrainSettings.from_recipe(s, seed), adapter_dir=adapter,
                                dtype=self.dtype, device=self.device, resume=resume,
-                               overwrite=not resume, progress=self.progress)
+                               overwrite=not resume, progress=self.progress,
+                               eval_data=self.recipe.task.heldout)
             info = result.summary
             return f"{info['steps_done']} steps, final loss {info['final_loss']:.4f}"
 
@@ -162,6 +164,22 @@ class Runner:
 
         return Step("stability over seed subsets", folder / "stability.json", work)
 
+    def adapter_for(self, arm: str, seed: int, extractions: dict[str, Path]) -> tuple[Path, bool]:
+        """The adapter folder an arm's training reads, and whether it is extracted anew: arms
+        whose extraction settings are the same share one (e.g. `spectrum` reads `transfer`'s),
+        random strategies get one per seed."""
+        random = self.recipe.uses_random(arm)
+        settings = ExtractSettings.from_recipe(self.recipe.arm_settings(arm),
+                                               seed if random else self.recipe.seeds[0])
+        key = json.dumps(settings.as_dict(), sort_keys=True)
+        if key in extractions and not random:
+            return extractions[key], False
+        # An arm that changes no extraction setting reads the transfer arm's extraction.
+        owner = arm if set(self.recipe.arms[arm]) & set(STEP_KEYS["extract"]) else "transfer"
+        folder = self.out / "arms" / owner / (f"adapter-seed{seed}" if random else "adapter")
+        extractions[key] = folder
+        return folder, True
+
     # -- the plan and its execution ------------------------------------------------------
     def plan(self) -> tuple[list[Step], dict[str, Any]]:
         """Every step in order, and where the results table finds their outputs."""
@@ -177,13 +195,14 @@ class Runner:
             refs[who] = folder / "metrics.json"
         metrics: dict[str, dict[int, Path]] = {arm: {} for arm in recipe.arms}
         adapters: dict[str, Path] = {}
+        extractions: dict[str, Path] = {}
+        runs: dict[str, dict[int, Path]] = {}
         for seed in recipe.seeds:
             for arm in recipe.arms:
                 adapter = None
-                if recipe.arm_settings(arm)["init"] == "transfer":
-                    name = f"adapter-seed{seed}" if recipe.uses_random(arm) else "adapter"
-                    adapter = out / "arms" / arm / name
-                    if adapter not in adapters.values() or recipe.uses_random(arm):
+                if INITS[recipe.arm_settings(arm)["init"]].needs_adapter:
+                    adapter, new = self.adapter_for(arm, seed, extractions)
+                    if new:
                         steps.append(self.extract_step(arm, seed, adapter, sens))
                     adapters.setdefault(arm, adapter)
                 run_dir = out / "arms" / arm / f"seed-{seed}"
@@ -192,9 +211,11 @@ class Runner:
                                                 run_dir / "eval", recipe.arm_settings(arm),
                                                 adapter=run_dir / "train"))
                 metrics[arm][seed] = run_dir / "eval" / "metrics.json"
+                runs.setdefault(arm, {})[seed] = run_dir / "train"
         if recipe.stability is not None:
             steps.append(self.stability_step(out / "stability"))
-        return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens}
+        return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens,
+                       "runs": runs}
 
     def execute(self, index: int, total: int, step: Step) -> None:
         """Run one step unless complete; one line when it ends."""
@@ -218,7 +239,7 @@ class Runner:
         for i, step in enumerate(steps, start=1):
             self.execute(i, len(steps), step)
         return write_results(self.out, self.recipe, found["metrics"], found["refs"],
-                             found["adapters"], found["sens"])
+                             found["adapters"], found["sens"], found["runs"])
 
 
 def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,

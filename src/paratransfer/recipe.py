@@ -27,7 +27,8 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
                 "reduce": "window", "modules": "embed,attn,mlp,head", "svd": "exact",
                 "min_vocab_coverage": 0.5, "allow_pad": False},
     "train": {"init": "transfer", "epochs": 3, "lr": 3e-4, "batch_size": 64,
-              "micro_batch_size": 8, "max_steps": None, "checkpoint_every": 10},
+              "micro_batch_size": 8, "max_steps": None, "checkpoint_every": 10,
+              "eval_every": None},
     "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
                  "max_new_tokens": None},
     "run": {"dtype": "auto", "device": "auto"},
@@ -35,6 +36,8 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
 SETTING_DEFAULTS: dict[str, Any] = {k: v for keys in STEP_KEYS.values() for k, v in keys.items()}
 TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name", "stability"}
 TASK_KEYS = {"type": None, "seeds": None, "train": None, "eval": None}
+#: Optional task files: held-out examples whose loss training records (with `eval_every`).
+OPTIONAL_TASK_KEYS = {"heldout": None}
 TASK_TYPES = ("gsm", "mmlu", "super_ni", "open")
 DEFAULT_ARMS: dict[str, dict[str, Any]] = {"transfer": {}, "lora": {"init": "standard"}}
 
@@ -45,6 +48,7 @@ class Task:
     seeds: Path
     train: Path
     eval: Path
+    heldout: Path | None = None
 
 
 @dataclass
@@ -72,7 +76,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "teacher": self.teacher, "student": self.student,
-                "task": {k: str(v) for k, v in vars(self.task).items()},
+                "task": {k: str(v) for k, v in vars(self.task).items() if v is not None},
                 "seeds": self.seeds, "arms": self.arms, "references": self.references,
                 **self.settings,
                 **({"stability": self.stability} if self.stability is not None else {})}
@@ -134,9 +138,10 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     if not isinstance(task_raw, dict):
         raise UserError(f"{path}: task: expected a mapping with type, seeds, train, eval")
     task_raw = {_norm(k, f"{path}: task"): v for k, v in task_raw.items()}
-    bad = sorted(set(task_raw) - set(TASK_KEYS))
+    bad = sorted(set(task_raw) - set(TASK_KEYS) - set(OPTIONAL_TASK_KEYS))
     if bad:
-        raise UserError(f"{path}: task.{bad[0]}: unknown key (expected type, seeds, train, eval)")
+        raise UserError(f"{path}: task.{bad[0]}: unknown key (expected type, seeds, train, eval, "
+                        "and optionally heldout)")
     for key in TASK_KEYS:
         if key not in task_raw:
             raise UserError(f"{path}: task.{key}: missing")
@@ -144,7 +149,9 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
         raise UserError(f"{path}: task.type: {task_raw['type']!r} is not a task "
                         f"(expected one of: {', '.join(TASK_TYPES)})")
     task = Task(task_raw["type"], *(_file(task_raw[k], f"{path}: task.{k}", base)
-                                    for k in ("seeds", "train", "eval")))
+                                    for k in ("seeds", "train", "eval")),
+                heldout=(_file(task_raw["heldout"], f"{path}: task.heldout", base)
+                         if task_raw.get("heldout") is not None else None))
     seeds = raw.get("seeds", [1, 2, 3])
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
@@ -165,6 +172,8 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
                     _model_ref(raw["student"], f"{path}: student", base), task, seeds, settings,
                     arms, references, name, raw.get("stability"))
     _check_settings(recipe)
+    if settings["eval_every"] is not None and recipe.task.heldout is None:
+        raise UserError(f"{path}: eval_every: give the held-out examples as task.heldout")
     _check_stability(recipe)
     return recipe
 

@@ -45,7 +45,6 @@ def summarize(provenance: Mapping[str, Any], settings, extract_settings, sens_se
               seconds: float) -> dict[str, Any]:
     """stability.json's content: settings, the whole pool's choice, every draw and per-size
     statistics of each figure."""
-    from paratransfer.extract import settings_dict
     from paratransfer.stability_figures import chance
 
     every = [d for ds in draws.values() for d in ds]
@@ -73,7 +72,7 @@ def summarize(provenance: Mapping[str, Any], settings, extract_settings, sens_se
                      "prompt_format": sens_settings.prompt_format,
                      "max_length": sens_settings.max_length,
                      "max_samples": sens_settings.max_samples,
-                     "extract": settings_dict(extract_settings)},
+                     "extract": extract_settings.as_dict()},
         "pool": {"samples": len(pool), "indices": pool.indices,
                  "left_out": pool.considered - len(pool)},
         "full_pool": {"selected_layers": full.selected_layers, "layer_scores": full.layer_scores,

@@ -41,6 +41,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
             else:
                 other.setdefault(str(i), {})[k] = v
     info = {"step": step, "meta": run.meta, "history": run.history, "seconds": run.seconds,
+            "heldout_history": run.heldout_history,
             "param_names": [n for n, _ in run.trainable],
             "optimizer": {"param_groups": state["param_groups"], "other_state": other}}
     path = run.out / CHECKPOINTS / f"step-{step:06d}"
@@ -75,6 +76,7 @@ def restore_checkpoint(run: Run, folder: Path) -> None:
         state["state"].setdefault(int(i), {}).update(extra)
     run.optimizer.load_state_dict(state)
     run.history = info["history"]
+    run.heldout_history = info.get("heldout_history", [])
     run.start_step = info["step"]
     run.seconds = info.get("seconds", 0.0)
     run.meta["resumed_from"] = [*info["meta"].get("resumed_from", []), info["step"]]
@@ -86,6 +88,10 @@ def _check_same_run(saved: dict, now: dict, folder: Path) -> None:
         if saved.get(key) != now.get(key):
             raise UserError(f"--resume: {key} is {now.get(key)!r} now but {saved.get(key)!r} in "
                             f"{folder} (give the command that started the run)")
+    digests = [(m.get("heldout") or {}).get("data_sha256") for m in (saved, now)]
+    if digests[0] != digests[1]:
+        raise UserError(f"--resume: the held-out examples (--eval-data) differ from those of the "
+                        f"run in {folder} (give the command that started the run)")
     for key, value in now["settings"].items():
         if key not in _RESUMABLE_CHANGES and saved["settings"].get(key) != value:
             raise UserError(f"--resume: setting {key} is {value!r} now but "

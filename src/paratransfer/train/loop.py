@@ -28,6 +28,7 @@ from paratransfer.train.batches import (
     steps_per_epoch,
 )
 from paratransfer.train.checkpoints import save_checkpoint
+from paratransfer.train.heldout import due, record
 from paratransfer.train.state import Run
 
 
@@ -91,6 +92,8 @@ def train(run: Run, progress: bool, stop_after: int | None) -> bool:
     end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
     scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda"
                                   and run.dtype == torch.float16)
+    if run.start_step == 0 and due(run, 0, end):
+        record(run, 0)
     run.model.train()
     bar = progress_bar(total=run.total_steps, initial=run.start_step, desc=f"train ({s.init})",
                        unit="step", enabled=progress and run.dist.main)
@@ -102,6 +105,9 @@ def train(run: Run, progress: bool, stop_after: int | None) -> bool:
         run.history.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+        if due(run, step + 1, run.total_steps):
+            record(run, step + 1)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", heldout=f"{run.heldout_history[-1]['loss']:.4f}")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == end:
             if run.dist.main:
                 save_checkpoint(run, step + 1)

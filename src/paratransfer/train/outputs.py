@@ -10,6 +10,7 @@ from pathlib import Path
 
 from paratransfer.outputs import atomic_dir, write_json
 from paratransfer.train.checkpoints import CHECKPOINTS
+from paratransfer.train.inits import INITS
 from paratransfer.train.state import Run
 
 TRAIN_JSON = "train.json"
@@ -25,8 +26,9 @@ def summary(run: Run, complete: bool) -> dict:
         "final_loss": run.history[-1]["loss"] if run.history else None,
         "train_seconds": round(run.seconds, 3),
         "tokens_per_second": tokens / run.seconds if run.seconds > 0 else None,
-        "adapter_rank": run.settings.rank * (2 if run.settings.init == "transfer" else 1),
+        "adapter_rank": run.settings.rank * (2 if INITS[run.settings.init].residual else 1),
         "history": run.history,
+        "heldout_history": run.heldout_history,
     }
 
 
@@ -58,7 +60,7 @@ def save_outputs(run: Run, info: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=run.out))
     try:
         initial = None
-        if run.settings.init == "transfer":
+        if INITS[run.settings.init].residual:
             initial = tmp / INITIAL_NAME  # PEFT rewrites the config of this folder: use a copy
             shutil.copytree(run.out / INITIAL_NAME, initial)
         save_plain_lora(run.model, tmp / "adapter", initial)

@@ -33,12 +33,13 @@ def run_train(student_id: str, data_path: str | Path, out: str | Path,
               settings: TrainSettings | None = None, adapter_dir: str | Path | None = None,
               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool = True,
-              stop_after: int | None = None) -> TrainResult:
+              stop_after: int | None = None, eval_data: str | Path | None = None) -> TrainResult:
     """`paratransfer train`: LoRA fine-tuning of the student in the transfer or standard arm.
 
     `stop_after` ends the run (with a checkpoint) once that many steps are done, as an
-    interruption would; `resume=True` continues it. Nothing is written before every input has
-    been checked.
+    interruption would; `resume=True` continues it. With `eval_data`, the held-out loss is
+    recorded every `settings.eval_every` steps. Nothing is written before every input has been
+    checked.
     """
     from paratransfer.devices import pick_device, pick_dtype
 
@@ -50,7 +51,7 @@ def run_train(student_id: str, data_path: str | Path, out: str | Path,
         dtype = dtype or pick_dtype("auto", device)
         resume_from = check_output(out, resume, overwrite)
         run = setup(student_id, data_path, out, settings, adapter_dir, dtype, device, dist,
-                    resume_from)
+                    resume_from, eval_data)
         if resume_from is None:
             if dist.main:
                 prepare_output(run, overwrite)

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 
 from paratransfer.checks import finite_number, whole_number
 from paratransfer.errors import UserError
+from paratransfer.train.inits import INITS
 
-INITS = ("transfer", "standard")
 #: Settings that may differ between a run and its resumption (they do not change the result).
 _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 
@@ -17,7 +17,7 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 class TrainSettings:
     """Every choice of a training run; the defaults are the paper's recipe (docs/method.md §6)."""
 
-    init: str = "transfer"  # transfer (extracted factors, residual base) | standard (PEFT default)
+    init: str = "transfer"  # a name in train/inits.py: transfer | standard | pissa | spectrum
     epochs: int = 3
     lr: float = 3e-4
     batch_size: int = 64  # effective batch: examples per optimizer step over all processes
@@ -36,6 +36,7 @@ class TrainSettings:
     adam_eps: float = 1e-8
     prompt_format: str = "tulu"
     checkpoint_every: int = 10  # steps
+    eval_every: int | None = None  # steps between held-out losses (with eval data)
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
@@ -48,6 +49,7 @@ class TrainSettings:
                                   ("micro_batch_size", "--micro-batch-size", 1),
                                   ("max_length", "--max-length", 2),
                                   ("checkpoint_every", "--checkpoint-every", 1),
+                                  ("eval_every", "--eval-every", 1),
                                   ("max_steps", "--max-steps", 1), ("rank", "--rank", 1),
                                   ("seed", "--seed", None),
                                   ("keep_checkpoints", "keep_checkpoints", 1)):
@@ -86,7 +88,7 @@ class TrainSettings:
                    max_length=s["max_length"], max_steps=s["max_steps"], seed=seed,
                    rank=s["rank"], alpha=s["alpha"], dropout=s["dropout"],
                    modules=s["modules"], prompt_format=s["prompt_format"],
-                   checkpoint_every=s["checkpoint_every"])
+                   checkpoint_every=s["checkpoint_every"], eval_every=s["eval_every"])
 
     def as_dict(self) -> dict:
         d = asdict(self)

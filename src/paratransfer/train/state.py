@@ -31,6 +31,8 @@ class Run:
     history: list[dict] = field(default_factory=list)
     start_step: int = 0
     seconds: float = 0.0  # training time so far (without checkpoint writing), over resumes
+    heldout: list[Example] = field(default_factory=list)  # scored every eval_every steps
+    heldout_history: list[dict] = field(default_factory=list)  # {"step", "loss"}
 
     @property
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
