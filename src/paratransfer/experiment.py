@@ -10,6 +10,7 @@ Layout of RUN_DIR:
     arms/ARM/seed-S/train/           training run (plain LoRA on the student)
     arms/ARM/seed-S/eval/            evaluation of student + that LoRA
     results.{json,md,png}, sensitivity.png
+    stability/                       the stability report, when the recipe asks for one
 """
 
 from __future__ import annotations
@@ -145,6 +146,25 @@ class Runner:
 
         return Step(f"train {arm} seed {seed}", folder / "train.json", work)
 
+    def stability_step(self, folder: Path) -> Step:
+        """The stability report of the transfer settings' choices over subsets of the seeds."""
+        from paratransfer.pipeline import SensitivitySettings
+        from paratransfer.stability import StabilitySettings, run_stability
+
+        s = self.recipe.settings
+        settings = StabilitySettings.from_recipe(self.recipe.stability)
+
+        def work() -> str:
+            report = run_stability(self.recipe.teacher, self.recipe.student,
+                                   self.recipe.task.seeds, folder, settings,
+                                   ExtractSettings.from_recipe(s, settings.seed),
+                                   SensitivitySettings.from_recipe(s), dtype=self.dtype,
+                                   device=self.device, overwrite=True, progress=self.progress)
+            jaccard = ", ".join(f"{x['size']}: {x['layers']['mean']:.2f}" for x in report["sizes"])
+            return f"{report['pool']['samples']} pool samples; layers Jaccard by size {jaccard}"
+
+        return Step("stability over seed subsets", folder / "stability.json", work)
+
     def adapter_for(self, arm: str, seed: int, extractions: dict[str, Path]) -> tuple[Path, bool]:
         """The adapter folder an arm's training reads, and whether it is extracted anew: arms
         whose extraction settings are the same share one (e.g. `spectrum` reads `transfer`'s),
@@ -196,6 +216,8 @@ class Runner:
                 chains += [train, evaluate]
                 metrics[arm][seed] = run_dir / "eval" / "metrics.json"
                 runs.setdefault(arm, {})[seed] = run_dir / "train"
+        if recipe.stability is not None:
+            steps.append(self.stability_step(out / "stability"))
         steps += chains
         return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens,
                        "runs": runs}

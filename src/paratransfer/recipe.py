@@ -34,7 +34,7 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
     "run": {"dtype": "auto", "device": "auto"},
 }
 SETTING_DEFAULTS: dict[str, Any] = {k: v for keys in STEP_KEYS.values() for k, v in keys.items()}
-TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name"}
+TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name", "stability"}
 TASK_KEYS = {"type": None, "seeds": None, "train": None, "eval": None}
 #: Optional task files: held-out examples whose loss training records (with `eval_every`).
 OPTIONAL_TASK_KEYS = {"heldout": None}
@@ -64,6 +64,7 @@ class Recipe:
     arms: dict[str, dict[str, Any]]
     references: list[str] = field(default_factory=lambda: ["student", "teacher"])
     name: str = "experiment"
+    stability: dict[str, Any] | None = None  # `stability: {sizes, draws, seed}`, as written
 
     def arm_settings(self, arm: str) -> dict[str, Any]:
         """The recipe's settings with the arm's one change applied."""
@@ -77,7 +78,8 @@ class Recipe:
         return {"name": self.name, "teacher": self.teacher, "student": self.student,
                 "task": {k: str(v) for k, v in vars(self.task).items() if v is not None},
                 "seeds": self.seeds, "arms": self.arms, "references": self.references,
-                **self.settings}
+                **self.settings,
+                **({"stability": self.stability} if self.stability is not None else {})}
 
 
 def _norm(key: Any, where: str) -> str:
@@ -168,10 +170,11 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     name = str(raw.get("name", path.stem))
     recipe = Recipe(path, _model_ref(raw["teacher"], f"{path}: teacher", base),
                     _model_ref(raw["student"], f"{path}: student", base), task, seeds, settings,
-                    arms, references, name)
+                    arms, references, name, raw.get("stability"))
     _check_settings(recipe)
     if settings["eval_every"] is not None and recipe.task.heldout is None:
         raise UserError(f"{path}: eval_every: give the held-out examples as task.heldout")
+    _check_stability(recipe)
     return recipe
 
 
@@ -221,3 +224,21 @@ def _check_settings(recipe: Recipe) -> None:
             raise UserError(f"{where}: {e}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: a setting has the wrong type ({e})") from None
+
+
+def _check_stability(recipe: Recipe) -> None:
+    """The stability report's settings, and its sizes against the seed file's record count."""
+    if recipe.stability is None:
+        return
+    from paratransfer.data import read_examples
+    from paratransfer.stability import StabilitySettings, check_extract_settings
+
+    try:
+        settings = StabilitySettings.from_recipe(recipe.stability)
+        check_extract_settings(ExtractSettings.from_recipe(recipe.settings, settings.seed))
+    except UserError as e:
+        raise UserError(f"{recipe.source}: {e}") from None
+    pool = len(read_examples(recipe.task.seeds, limit=recipe.settings["max_samples"]))
+    if settings.sizes and settings.sizes[-1] > pool:
+        raise UserError(f"{recipe.source}: stability.sizes: {settings.sizes[-1]} is larger than "
+                        f"the pool ({pool} records in {recipe.task.seeds})")
