@@ -50,6 +50,17 @@ def register(sub) -> None:
                         "train.json during training")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps between held-out losses (default: about ten over the run)")
+    p.add_argument("--distill", default=None, metavar="TEACHER",
+                   help="also learn the teacher's next-token distributions (logit distillation; "
+                        "same vocabulary): loss (1 - λ)·CE + λ·τ²·KL(teacher ‖ student); the "
+                        "teacher is needed during training")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help=f"λ (default {d.distill_weight})")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help=f"τ (default {d.distill_temperature})")
+    p.add_argument("--teacher-dtype", default=d.teacher_dtype,
+                   help="dtype of the distillation teacher: auto (the training dtype), float32, "
+                        "bfloat16, float16")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--prompt-format", default=d.prompt_format, help="tulu (docs/method.md §1) or chat-template")
     add_common(p)
@@ -75,6 +86,8 @@ def _cmd_train(args) -> int:
         dropout=args.dropout, prompt_format=args.prompt_format,
         modules=tuple(args.modules.split(",")) if args.modules else None,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        distill=args.distill, distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature, teacher_dtype=args.teacher_dtype,
     )
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

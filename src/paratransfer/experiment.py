@@ -137,7 +137,8 @@ class Runner:
         def work() -> str:
             resume = last_checkpoint(folder) is not None
             result = run_train(self.recipe.student, self.recipe.task.train, folder,
-                               TrainSettings.from_recipe(s, seed), adapter_dir=adapter,
+                               TrainSettings.from_recipe(s, seed, self.recipe.teacher),
+                               adapter_dir=adapter,
                                dtype=self.dtype, device=self.device, resume=resume,
                                overwrite=not resume, progress=self.progress,
                                eval_data=self.recipe.task.heldout)

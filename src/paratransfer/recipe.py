@@ -28,7 +28,8 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
                 "min_vocab_coverage": 0.5, "allow_pad": False},
     "train": {"init": "transfer", "epochs": 3, "lr": 3e-4, "batch_size": 64,
               "micro_batch_size": 8, "max_steps": None, "checkpoint_every": 10,
-              "eval_every": None},
+              "eval_every": None, "distill": False, "distill_weight": 0.5,
+              "distill_temperature": 1.0, "teacher_dtype": "auto"},
     "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
                  "max_new_tokens": None},
     "run": {"dtype": "auto", "device": "auto"},
@@ -161,6 +162,10 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     if settings["init"] != "transfer":
         raise UserError(f"{path}: init: the recipe's settings are the transfer arm's; give the "
                         "baseline as an arm (`lora: {init: standard}`)")
+    if settings["distill"] is True:
+        raise UserError(f"{path}: distill: the recipe's settings are every arm's (the lora "
+                        "baseline's too); give distillation as an arm (`distill: {init: standard, "
+                        "distill: true}`)")
     if settings["shots_data"] is not None:
         settings["shots_data"] = str(_file(settings["shots_data"], f"{path}: shots_data", base))
     arms = _parse_arms(raw.get("arms"), path)
@@ -179,7 +184,8 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
 
 
 def _parse_arms(arms: Any, path: Path) -> dict[str, dict[str, Any]]:
-    """Arms: name -> the ONE setting it changes against the transfer arm."""
+    """Arms: name -> the ONE setting it changes against the transfer arm (or, with
+    `init: standard`, against the lora arm: `distill: {init: standard, distill: true}`)."""
     if arms is None:
         return {k: dict(v) for k, v in DEFAULT_ARMS.items()}
     if isinstance(arms, list):  # names only: transfer, lora
@@ -199,9 +205,10 @@ def _parse_arms(arms: Any, path: Path) -> dict[str, dict[str, Any]]:
         unknown = sorted(set(change) - set(SETTING_DEFAULTS))
         if unknown:
             raise UserError(f"{where}: unknown setting {unknown[0]!r}")
-        if len(change) > 1:
+        against_lora = {k: v for k, v in change.items() if (k, v) != ("init", "standard")}
+        if len(change) > 1 and len(against_lora) > 1:
             raise UserError(f"{where}: changes {len(change)} settings ({', '.join(sorted(change))}); "
-                            "an arm changes one thing against the transfer arm")
+                            "an arm changes one thing against the transfer arm or the lora arm")
         out[str(name)] = change
     if "lora" not in out:
         raise UserError(f"{path}: arms: the baseline arm `lora` ({{init: standard}}) is missing")
@@ -218,7 +225,7 @@ def _check_settings(recipe: Recipe) -> None:
         try:
             SensitivitySettings.from_recipe(s)
             ExtractSettings.from_recipe(s, seed=recipe.seeds[0])
-            TrainSettings.from_recipe(s, seed=recipe.seeds[0])
+            TrainSettings.from_recipe(s, seed=recipe.seeds[0], teacher=recipe.teacher)
             EvalSettings.from_recipe(recipe.task.type, s)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None

@@ -69,6 +69,8 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("transfer", "lora", "the transferred initialization"),
     ("transfer", "spectrum", "the teacher's directions"),
     ("transfer", "pissa", "the teacher's subspace over the student's own"),
+    ("distill", "lora", "distillation from the teacher"),
+    ("transfer", "distill", "parametric transfer over distillation"),
 )
 
 

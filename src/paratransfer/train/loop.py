@@ -20,7 +20,6 @@ import torch
 from paratransfer.distributed import sum_across_processes
 from paratransfer.train.batches import (
     _mix,
-    answer_loss_sum,
     batch_digest,
     batch_indices,
     collate,
@@ -53,22 +52,26 @@ def train_step(run: Run, step: int, scaler) -> dict:
     answer_total = sum(run.examples[i].answer_tokens for i in indices)
     torch.manual_seed(_mix(s.seed, step, dist.rank))  # LoRA dropout: same masks when resumed
     loss_sum = torch.zeros((), device=run.device)
+    part_sums = {name: torch.zeros((), device=run.device) for name in run.objective.parts}
+    teacher_seconds = getattr(run.objective, "seconds", 0.0)
     tokens = 0
     for mb in micro_batches(indices, s.micro_batch_size, dist.rank, dist.world):
         batch = {k: v.to(run.device) for k, v in collate(run.examples, mb, run.pad_id).items()}
         with _autocast(run):
             logits = run.model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).logits
-        part = answer_loss_sum(logits, batch["labels"])
+        part, parts = run.objective(logits, batch)
         scaler.scale(part / answer_total).backward()
         loss_sum += part.detach()
+        for name, value in parts.items():
+            part_sums[name] += value.float()
         tokens += int(batch["attention_mask"].sum())
     params = [p for _, p in run.trainable]
     for p in params:
         if p.grad is None:  # a process with no example in a short last batch
             p.grad = torch.zeros_like(p)
     counts = torch.tensor([float(tokens)], device=run.device)
-    sum_across_processes([p.grad for p in params] + [loss_sum, counts], dist)
+    sum_across_processes([p.grad for p in params] + [loss_sum, counts, *part_sums.values()], dist)
     scaler.unscale_(run.optimizer)
     if s.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -79,9 +82,13 @@ def train_step(run: Run, step: int, scaler) -> dict:
     scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     per_epoch = steps_per_epoch(len(run.examples), s.batch_size)
-    return {"step": step + 1, "epoch": step // per_epoch, "loss": float(loss_sum) / answer_total,
-            "lr": lr, "tokens": int(counts.item()), "answer_tokens": answer_total,
-            "batch": batch_digest(indices)}
+    entry = {"step": step + 1, "epoch": step // per_epoch, "loss": float(loss_sum) / answer_total,
+             **{name: float(v) / answer_total for name, v in part_sums.items()},
+             "lr": lr, "tokens": int(counts.item()), "answer_tokens": answer_total,
+             "batch": batch_digest(indices)}
+    if hasattr(run.objective, "seconds"):  # the distillation teacher's forward passes
+        entry["teacher_seconds"] = round(run.objective.seconds - teacher_seconds, 6)
+    return entry
 
 
 def train(run: Run, progress: bool, stop_after: int | None) -> bool:

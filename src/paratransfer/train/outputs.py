@@ -29,7 +29,18 @@ def summary(run: Run, complete: bool) -> dict:
         "adapter_rank": run.settings.rank * (2 if INITS[run.settings.init].residual else 1),
         "history": run.history,
         "heldout_history": run.heldout_history,
+        **_distill_cost(run),
     }
+
+
+def _distill_cost(run: Run) -> dict:
+    """For a distillation run: the teacher's forward time per step and its share of the step."""
+    teacher = [h["teacher_seconds"] for h in run.history if "teacher_seconds" in h]
+    if not teacher:
+        return {}
+    steps = sum(h["seconds"] for h in run.history if "teacher_seconds" in h)
+    return {"distill_cost": {"teacher_seconds_per_step": sum(teacher) / len(teacher),
+                             "share_of_step_time": sum(teacher) / steps if steps else None}}
 
 
 def plot_loss(history: list[dict], path: Path, title: str) -> None:

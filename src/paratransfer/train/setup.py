@@ -15,6 +15,7 @@ from paratransfer.errors import UserError
 from paratransfer.train.batches import load_examples, steps_per_epoch
 from paratransfer.train.checkpoints import CHECKPOINTS, last_checkpoint, restore_checkpoint
 from paratransfer.train.inits import INITS
+from paratransfer.train.objectives import CrossEntropy
 from paratransfer.train.settings import TrainSettings
 from paratransfer.train.state import Run
 
@@ -173,9 +174,24 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
                      "examples": len(heldout), "every": settings.eval_every}
                     if eval_data is not None else None),
     }
+    objective = CrossEntropy()
+    if settings.distill is not None:
+        from paratransfer.devices import DTYPES
+        from paratransfer.train.objectives import load_distillation
+
+        teacher_dtype = dtype if settings.teacher_dtype == "auto" else DTYPES[settings.teacher_dtype]
+        objective = load_distillation(settings.distill, tokenizer, settings.distill_weight,
+                                      settings.distill_temperature, teacher_dtype, device)
+        meta["distill"] = {"teacher": model_label(settings.distill),
+                           "weight": settings.distill_weight,
+                           "temperature": settings.distill_temperature,
+                           "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
+                           "teacher_parameters": sum(p.numel() for p in
+                                                     objective.teacher.parameters()),
+                           "vocabulary": objective.vocab}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
-              dtype, dist, out, meta, heldout=heldout)
+              dtype, dist, out, meta, heldout=heldout, objective=objective)
     if resume_from is not None:
         restore_checkpoint(run, resume_from)
     return run

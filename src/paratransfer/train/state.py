@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from paratransfer.distributed import Dist
 from paratransfer.train.batches import Example
+from paratransfer.train.objectives import CrossEntropy
 from paratransfer.train.settings import TrainSettings
 
 
@@ -33,6 +35,7 @@ class Run:
     seconds: float = 0.0  # training time so far (without checkpoint writing), over resumes
     heldout: list[Example] = field(default_factory=list)  # scored every eval_every steps
     heldout_history: list[dict] = field(default_factory=list)  # {"step", "loss"}
+    objective: Callable = field(default_factory=CrossEntropy)  # see objectives.py
 
     @property
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
