@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from paratransfer import __version__, cli_evaluate, cli_train
-from paratransfer.cli_options import add_common, add_seed_data
+from paratransfer.cli_options import Parser, add_common, add_seed_data
 from paratransfer.console import quiet_libraries
 from paratransfer.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="paratransfer",
         description="Parametric knowledge transfer from a teacher LLM to a student LLM.",
     )
