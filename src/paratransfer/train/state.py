@@ -31,6 +31,16 @@ class Run:
     history: list[dict] = field(default_factory=list)
     start_step: int = 0
     seconds: float = 0.0  # training time so far (without checkpoint writing), over resumes
+    step_seconds: list[float] = field(default_factory=list)  # per step, as `history`
+    resumed_from: list[int] = field(default_factory=list)  # the steps the run was resumed at
+
+    def timing(self) -> dict:
+        """How this execution went (wall-clock time, resumptions): the only part of train.json
+        and of a checkpoint that differs between two identical runs."""
+        tokens = sum(h["tokens"] for h in self.history)
+        return {"train_seconds": round(self.seconds, 3),
+                "tokens_per_second": tokens / self.seconds if self.seconds > 0 else None,
+                "step_seconds": list(self.step_seconds), "resumed_from": list(self.resumed_from)}
 
     @property
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
