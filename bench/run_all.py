@@ -23,7 +23,7 @@ ROOT = HERE.parent
 REPORT = ROOT / "BENCHMARKS.md"
 
 #: Always reported (as missing if the file is not there yet); any other bench_*.py is run too.
-EXPECTED = ("bench_sensitivity", "bench_extract")
+EXPECTED = ("bench_sensitivity", "bench_extract", "bench_stability")
 
 
 def machine_info() -> dict:

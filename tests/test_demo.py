@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -38,11 +39,13 @@ def test_student_family_is_related_but_weaker():
 def test_demo_recipe_validates(tmp_path):
     for name in ("teacher", "student"):
         (tmp_path / name).mkdir()
-    for name in ("seeds", "train", "test"):
+    for name in ("seeds", "train", "test", "heldout"):
         write_jsonl(tmp_path / f"{name}.jsonl", arithmetic_records(3))
     recipe = load_recipe(demo_recipe(tmp_path))
     assert set(recipe.arms) == set(DEMO_RECIPE["arms"])
     assert recipe.seeds == [1, 2, 3]
+    assert {"transfer", "lora", "pissa", "spectrum"} <= set(recipe.arms)
+    assert recipe.task.heldout is not None
     assert (tmp_path / "demo.yaml").read_text().startswith("# paratransfer run ")
 
 
@@ -69,3 +72,27 @@ def test_demo_never_empties_a_folder_that_is_not_a_demo_run(tmp_path, monkeypatc
     (tmp_path / "earlier" / "recipe.json").write_text("{}")
     assert demo.demo_out(tmp_path / "earlier") == (tmp_path / "earlier", True)
     assert demo.demo_out(mine, overwrite=True) == (mine, False)
+
+
+def test_world_is_the_same_on_every_build_and_thread_count(tmp_path):
+    """A reduced world built twice, under 1 and 2 threads: the same files, byte for byte."""
+    import torch
+
+    from paratransfer.demo import WorldSpec, build_world
+
+    spec = WorldSpec(teacher=dict(hidden=16, layers=2, heads=2, kv_heads=1, mlp=32, seed=1),
+                     student=dict(hidden=8, layers=1, heads=2, kv_heads=1, mlp=16, seed=2),
+                     teacher_steps=3, student_steps=2, pretrain_records=64, seeds=4, train=8,
+                     heldout=4, test=4)
+    before = torch.get_num_threads()
+    infos = []
+    for threads, name in ((1, "a"), (2, "b")):
+        torch.set_num_threads(threads)
+        (tmp_path / name).mkdir()
+        infos.append(build_world(tmp_path / name, spec, say=lambda line: None))
+    torch.set_num_threads(before)
+    a, b = (info["checksums"] for info in infos)
+    assert a == b and "teacher/model.safetensors" in a and "heldout.jsonl" in a
+    assert a == {k: v for k, v in
+                 json.loads((tmp_path / "a" / "world.json").read_text())["checksums"].items()}
+    assert torch.get_num_threads() == before

@@ -11,12 +11,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA
 from paratransfer.demo import arithmetic_records, write_jsonl
 from paratransfer.errors import UserError
 from paratransfer.experiment import run_experiment
 from paratransfer.recipe import load_recipe
 from paratransfer.results import paired_interval
+from tolerances import tolerance
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +143,79 @@ def test_paired_interval_oracle():
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
-def test_shipped_example_recipes_validate(path):
-    if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} is absent: the example recipes read the shared task data")
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# paratransfer run "), "each example starts with its command"
-    recipe = load_recipe(path)
+def test_shipped_example_recipes_validate(path, tmp_path):
+    """Each example starts with the commands that make its data and run it, and validates once
+    `paratransfer data` has written the files it names (here: small stand-ins)."""
+    lines = path.read_text().splitlines()
+    data_line = next(line for line in lines if line.startswith("# paratransfer data "))
+    assert lines[:2] == [data_line, f"# paratransfer run examples/{path.name} --out runs/{path.stem}"]
+    out = data_line.split("--out ")[1].split()[0]
+    for name in ("seeds", "train", "eval"):
+        (tmp_path / out).mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / out / f"{name}.jsonl", arithmetic_records(2))
+    (tmp_path / "examples").mkdir()
+    copy = tmp_path / "examples" / path.name
+    copy.write_text(path.read_text())
+    recipe = load_recipe(copy)
     assert "lora" in recipe.arms and "transfer" in recipe.arms
+    assert recipe.task.seeds.resolve() == (tmp_path / out / "seeds.jsonl").resolve()
+
+
+def test_control_arms_contrasts_and_heldout_curves(tiny_recipe, tmp_path):
+    """Arms pissa and spectrum run beside transfer and lora; spectrum reads transfer's adapter;
+    the results give each contrast with its interval and sentence, and the held-out curves."""
+    task = yaml.safe_load(tiny_recipe.read_text())["task"]
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", arithmetic_records(4, seed=8))
+    arms = {"transfer": {}, "lora": {"init": "standard"}, "pissa": {"init": "pissa"},
+            "spectrum": {"init": "spectrum"}}
+    recipe = load_recipe(_write(tmp_path, tiny_recipe, arms=arms, eval_every=1, limit=2,
+                                task={**task, "heldout": str(heldout)}))
+    lines: list[str] = []
+    result = run_experiment(recipe, tmp_path / "run", progress=False, log=lines.append)
+    assert sum(" extract " in f" {line} " for line in lines) == 1  # spectrum shares it
+    spectrum_run = json.loads((tmp_path / "run" / "arms" / "spectrum" / "seed-1" / "train" /
+                               "train.json").read_text())
+    assert spectrum_run["adapter"] == str((tmp_path / "run" / "arms" / "transfer" / "adapter").resolve())
+    said = {c["contrast"]: c for c in result["contrasts"]}
+    assert set(said) == {"transfer − lora", "transfer − spectrum", "transfer − pissa"}
+    assert all(c["n"] == 2 and c["sentence"] for c in said.values())
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "the teacher's directions (transfer − spectrum): " in md
+    curves = result["heldout_curves"]
+    assert set(curves) == set(arms) and all(c["step"] == [0, 1, 2] for c in curves.values())
+    assert (tmp_path / "run" / "results.png").stat().st_size > 0
+
+
+def test_contrast_sentences_say_what_the_interval_says():
+    from paratransfer.results import sentence
+
+    above = paired_interval([0.5, 0.6, 0.7], [0.3, 0.35, 0.45])
+    below = paired_interval([0.3, 0.35, 0.45], [0.5, 0.6, 0.7])
+    around = paired_interval([0.5, 0.3, 0.6], [0.4, 0.5, 0.5])
+    assert sentence("x", above).endswith("significant (the interval is above 0).")
+    assert sentence("x", below).endswith("significant (the interval is below 0).")
+    assert sentence("x", around).endswith("not significant (the interval includes 0).")
+    assert "no conclusion" in sentence("x", paired_interval([0.5], [0.4]))
+
+
+def test_parallel_chains_compute_what_one_process_does(tiny_recipe, tmp_path):
+    """--jobs 2: the (arm, seed) chains run in two spawned processes; same adapters (to fp32
+    rounding: the workers may use another thread count) and the same results."""
+    recipe = load_recipe(tiny_recipe)
+    one = run_experiment(recipe, tmp_path / "one", progress=False, log=lambda line: None)
+    two = run_experiment(recipe, tmp_path / "two", progress=False, log=lambda line: None, jobs=2)
+    assert two["steps"]["ran"] == one["steps"]["ran"] == 12
+    assert _values(two) == _values(one)
+    for arm in ("transfer", "lora"):
+        for seed in (1, 2):
+            a, b = (load_file(str(tmp_path / run / "arms" / arm / f"seed-{seed}" / "train" /
+                                  "adapter_model.safetensors")) for run in ("one", "two"))
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], **tolerance(torch.float32))
+    with pytest.raises(UserError, match="--jobs"):
+        run_experiment(recipe, tmp_path / "three", progress=False, jobs=0)
+
 
 
 # --------------------------------------------------------------------------- nothing lost

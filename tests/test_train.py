@@ -119,7 +119,7 @@ def test_settings_are_checked():
     with pytest.raises(Exception, match="--micro-batch-size"):
         TrainSettings(batch_size=4, micro_batch_size=8)
     with pytest.raises(Exception, match="--init"):
-        TrainSettings(init="pissa")
+        TrainSettings(init="unknown")
 
 
 # --------------------------------------------------------------------------- runs
@@ -294,6 +294,58 @@ def test_existing_run_and_changed_resume(capsys, model_pairs, adapters, train_fi
                            "--micro-batch-size", "2", "--max-length", "160", "--max-steps", "4")
     assert code == 2 and "setting dropout" in one_line_error(err)
     assert (done / "train.json").read_text() == before
+
+
+# --------------------------------------------------------------------------- held-out curves
+
+
+def test_heldout_loss_is_recorded_at_the_requested_steps_and_falls(model_pairs, adapters,
+                                                                    train_file, tmp_path):
+    from dataclasses import replace
+
+    from paratransfer.train import load_examples
+    from paratransfer.train.batches import collate
+
+    student = str(model_pairs["llama"][1])
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", arithmetic_records(6, seed=9))
+    settings = TrainSettings(**{**FAST, "max_steps": 5}, eval_every=2, dropout=0.0)
+    scored = run_train(student, train_file, tmp_path / "a", settings,
+                       adapter_dir=adapters["llama"], progress=False, eval_data=heldout)
+    curve = scored.summary["heldout_history"]
+    assert [h["step"] for h in curve] == [0, 2, 4, 5]
+    assert curve[-1]["loss"] < curve[0]["loss"] - 0.05  # it moves with training
+    assert scored.summary["heldout"]["examples"] == 6
+
+    # Step 0 is the untrained student's own answer-only loss on those examples (oracle).
+    from paratransfer.models import load_tokenizer
+
+    examples, _ = load_examples(heldout, load_tokenizer(student), "tulu", 160)
+    batch = collate(examples, list(range(len(examples))), 1)
+    with torch.no_grad():
+        out = load_model(student)(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"]).logits
+    want = answer_loss_sum(out, batch["labels"]).item() / sum(e.answer_tokens for e in examples)
+    assert curve[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+    # Scoring draws nothing from the random stream: training is the same without it.
+    plain = run_train(student, train_file, tmp_path / "b", replace(settings, eval_every=None),
+                      adapter_dir=adapters["llama"], progress=False)
+    assert [h["loss"] for h in plain.summary["history"]] == \
+        [h["loss"] for h in scored.summary["history"]]
+
+    # An interrupted run resumes to the same curve.
+    part = tmp_path / "part"
+    run_train(student, train_file, part, replace(settings, checkpoint_every=3),
+              adapter_dir=adapters["llama"], progress=False, eval_data=heldout, stop_after=3)
+    resumed = run_train(student, train_file, part, replace(settings, checkpoint_every=3),
+                        adapter_dir=adapters["llama"], progress=False, eval_data=heldout,
+                        resume=True)
+    assert [h["step"] for h in resumed.summary["heldout_history"]] == [0, 2, 4, 5]
+    assert [h["loss"] for h in resumed.summary["heldout_history"]] == pytest.approx(
+        [h["loss"] for h in curve], abs=1e-6)
+    with pytest.raises(Exception, match="--eval-data"):
+        run_train(student, train_file, tmp_path / "c", settings, adapter_dir=adapters["llama"],
+                  progress=False)
 
 
 # --------------------------------------------------------------------------- nothing lost

@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from paratransfer import __version__, cli_evaluate, cli_train
-from paratransfer.cli_options import Parser, add_common, add_seed_data
+from paratransfer import __version__, cli_data, cli_evaluate, cli_stability, cli_train
+from paratransfer.cli_options import Parser, add_common, add_extraction, add_seed_data
 from paratransfer.console import quiet_libraries
 from paratransfer.errors import UserError
 
@@ -45,33 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="seed examples (JSONL); needed without --sensitivity")
     p.add_argument("--sensitivity", default=None, help="reuse a file from `paratransfer sensitivity`")
     p.add_argument("--force", action="store_true", help="use a sensitivity file whose metadata does not match")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16; scale alpha/r)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout recorded in the adapter")
     p.add_argument("--layers", default="sensitivity", help="sensitivity|first|last|uniform|random")
     p.add_argument("--reduce", default="window",
                    help="window|window-heads|rows-cols|first|random (window-heads: q/k/v/o "
                         "blocks start and end on attention-head boundaries)")
-    p.add_argument("--modules", default="embed,attn,mlp,head",
-                   help="groups (embed,attn,mlp,head) or roles (q,k,v,o,gate,up,down)")
-    p.add_argument("--svd", default="exact", help="exact|randomized")
     p.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
-    p.add_argument("--min-vocab-coverage", type=float, default=0.5,
-                   help="refuse embed/head when fewer of the student's tokens are found in the "
-                        "teacher's vocabulary (default 0.5)")
-    p.add_argument("--allow-pad", action="store_true",
-                   help="zero-pad teacher matrices narrower than the student's instead of refusing")
+    add_extraction(p)
     add_seed_data(p)
     add_common(p)
     p.set_defaults(func=_cmd_extract)
     cli_train.register(sub)
     cli_evaluate.register(sub)
+    cli_stability.register(sub)
+    cli_data.register(sub)
 
     p = sub.add_parser("run", help="a whole experiment from a recipe: arms x seeds, results table")
     p.add_argument("recipe", help="recipe file (YAML)")
     p.add_argument("--out", default=None, help="run folder (default: runs/RECIPE_NAME)")
     p.add_argument("--resume", action="store_true", help="continue a run, skipping finished steps")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing run folder")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training chains (arm x seed) run at once, each in its own process "
+                        "(default 1; the results do not depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
@@ -156,7 +153,7 @@ def _cmd_run(args) -> int:
     recipe = load_recipe(args.recipe)
     out = args.out or f"runs/{recipe.name}"
     result = run_experiment(recipe, out, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.quiet)
+                            progress=not args.quiet, jobs=args.jobs)
     print()
     print(to_markdown(result))
     print(summary_line(result, out))

@@ -33,3 +33,17 @@ def add_seed_data(p: argparse.ArgumentParser) -> None:
                    help="tulu (docs/method.md §1) or chat-template")
     p.add_argument("--max-length", type=int, default=2048, help="truncate samples to this many tokens")
     p.add_argument("--max-samples", type=int, default=None, help="use at most this many seed samples")
+
+
+def add_extraction(p: argparse.ArgumentParser) -> None:
+    """What extraction keeps: rank, modules, SVD method, vocabulary coverage, padding
+    (extraction and the stability report)."""
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
+    p.add_argument("--modules", default="embed,attn,mlp,head",
+                   help="groups (embed,attn,mlp,head) or roles (q,k,v,o,gate,up,down)")
+    p.add_argument("--svd", default="exact", help="exact|randomized")
+    p.add_argument("--min-vocab-coverage", type=float, default=0.5,
+                   help="refuse embed/head when fewer of the student's tokens are found in the "
+                        "teacher's vocabulary (default 0.5)")
+    p.add_argument("--allow-pad", action="store_true",
+                   help="zero-pad teacher matrices narrower than the student's instead of refusing")

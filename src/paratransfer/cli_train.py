@@ -14,19 +14,19 @@ from paratransfer.errors import UserError
 
 def register(sub) -> None:
     """Add the `train` and `merge` subcommands to `paratransfer`'s subparsers."""
-    from paratransfer.train import TrainSettings
+    from paratransfer.train import INITS, TrainSettings
 
     d = TrainSettings()
     p = sub.add_parser("train", help="LoRA fine-tuning of the student, from transferred or standard init")
     p.add_argument("--student", required=True, help="student model folder or hub id")
     p.add_argument("--data", required=True, help="training examples (JSONL)")
     p.add_argument("--out", required=True, help="run folder: adapter, train.json, loss.png, checkpoints")
-    p.add_argument("--init", default=d.init, choices=["transfer", "standard"],
-                   help="transfer: start from --adapter's factors (base made residual); "
-                        "standard: PEFT's default init (the baseline arm)")
+    p.add_argument("--init", default=d.init, choices=list(INITS),
+                   help="; ".join(f"{i.name}: {i.help}" for i in INITS.values()))
     p.add_argument("--adapter", default=None,
-                   help="adapter from `paratransfer extract` (needed for --init transfer; with "
-                        "--init standard it only supplies rank, alpha and modules)")
+                   help="adapter from `paratransfer extract` (needed for --init "
+                        f"{'/'.join(n for n, i in INITS.items() if i.needs_adapter)}; with the "
+                        "others it only supplies rank, alpha and modules)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -45,6 +45,22 @@ def register(sub) -> None:
                    help="groups (embed,attn,mlp,head) or roles (default: the adapter's, else all)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out examples (JSONL): their answer-only loss is recorded in "
+                        "train.json during training")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between held-out losses (default: about ten over the run)")
+    p.add_argument("--distill", default=None, metavar="TEACHER",
+                   help="also learn the teacher's next-token distributions (logit distillation; "
+                        "same vocabulary): loss (1 - λ)·CE + λ·τ²·KL(teacher ‖ student); the "
+                        "teacher is needed during training")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help=f"λ (default {d.distill_weight})")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help=f"τ (default {d.distill_temperature})")
+    p.add_argument("--teacher-dtype", default=d.teacher_dtype,
+                   help="dtype of the distillation teacher: auto (the training dtype), float32, "
+                        "bfloat16, float16")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--prompt-format", default=d.prompt_format, help="tulu (docs/method.md §1) or chat-template")
     add_common(p)
@@ -69,14 +85,17 @@ def _cmd_train(args) -> int:
         max_steps=args.max_steps, seed=args.seed, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, prompt_format=args.prompt_format,
         modules=tuple(args.modules.split(",")) if args.modules else None,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        distill=args.distill, distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature, teacher_dtype=args.teacher_dtype,
     )
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     try:
         result = run_train(args.student, args.data, args.out, settings, adapter_dir=args.adapter,
                            dtype=dtype, device=device, resume=args.resume,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not args.quiet,
+                           eval_data=args.eval_data)
     except KeyboardInterrupt:
         print(f"interrupted: continue with the same command plus --resume (checkpoints in "
               f"{args.out}/checkpoints)", file=sys.stderr)

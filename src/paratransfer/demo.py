@@ -1,13 +1,17 @@
 """The built-in demo (`paratransfer demo`, `make demo`): the paper's experiment in miniature,
-offline on a CPU.
+offline on a CPU, with the controls that say what a difference would mean.
 
 A task family generated here (two-step arithmetic word problems with worked answers, GSM-like)
-with seed / train / test splits; a character tokenizer; a teacher (Llama architecture, deeper
-and wider) trained on the task family until it is competent; a smaller student trained on a
-related but weaker family (one-step problems) so that it is clearly worse. Both are built
-deterministically and cached under the user's cache folder, rebuilt only when missing. Then the
-recipe runs: transfer vs lora and one ablation over three seeds, and the table is printed as it
-comes out — whether or not transfer helps at this scale.
+with seed / train / held-out / test splits; a small word-level tokenizer; a teacher (Llama
+architecture, deeper and wider) trained on the task family until it is competent; a smaller
+student trained on a related but weaker family (one-step problems) so that it is clearly worse.
+Both are built deterministically (checksums in world.json) and cached under the user's cache
+folder, rebuilt only when missing. Then the recipe runs four arms over three seeds — transfer,
+lora (the baseline), pissa and spectrum (the controls) — two training chains at a time, and the
+table is printed as it comes out, whether or not transfer helps at this scale.
+
+The training budget was chosen on the baseline alone, before looking at transfer: the `lora`
+arm must close at least a quarter of the student -> teacher gap on the test set.
 """
 
 from __future__ import annotations
@@ -20,29 +24,54 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-DEMO_VERSION = "2"
+DEMO_VERSION = "3"
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
 THINGS = ["pens", "cups", "eggs", "keys", "hats", "jars", "maps", "nuts"]
 
-#: The two models, as (tiny_model kwargs, pretraining steps, peak learning rate).
-TEACHER = (dict(hidden=64, layers=4, heads=4, kv_heads=2, mlp=176, seed=1), 700, 3e-3)
-STUDENT = (dict(hidden=48, layers=2, heads=4, kv_heads=2, mlp=128, seed=2), 400, 3e-3)
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What the demo world is made of: the two models (tiny_model kwargs), how long each is
+    pretrained and at what peak learning rate, and the sizes of the data splits."""
+
+    teacher: dict = field(default_factory=lambda: dict(hidden=64, layers=4, heads=4, kv_heads=2,
+                                                        mlp=176, seed=1))
+    student: dict = field(default_factory=lambda: dict(hidden=48, layers=2, heads=4, kv_heads=2,
+                                                        mlp=128, seed=2))
+    teacher_steps: int = 1000
+    teacher_lr: float = 3e-3
+    student_steps: int = 400
+    student_lr: float = 3e-3
+    pretrain_records: int = 20000  # per model, from its own task family
+    seeds: int = 32
+    train: int = 4000  # fresh records: enough that LoRA learns the task, not the set
+    heldout: int = 128  # the held-out loss curve during training
+    test: int = 300
+
+
+WORLD = WorldSpec()
 PRETRAIN_BATCH = 64
 
-#: The recipe the demo runs (same keys as any recipe file; the paths are filled in).
+#: The recipe the demo runs (same keys as any recipe file; the paths are filled in). Its
+#: training budget was chosen on the `lora` arm alone: the smallest tried that closes at least
+#: a quarter of the student -> teacher gap (2500 steps at 3e-3 closed about half).
 DEMO_RECIPE = {
     "name": "demo",
     "seeds": [1, 2, 3],
-    "arms": {"transfer": {}, "lora": {"init": "standard"}, "rows-cols": {"reduce": "rows-cols"}},
+    "arms": {"transfer": {}, "lora": {"init": "standard"}, "pissa": {"init": "pissa"},
+             "spectrum": {"init": "spectrum"}},
     "rank": 8, "alpha": 16, "dropout": 0.0, "max_length": 256, "max_samples": 32,
-    "epochs": 1, "max_steps": 300, "lr": 2e-3, "batch_size": 16, "micro_batch_size": 16,
-    "checkpoint_every": 100, "eval_batch_size": 50, "max_new_tokens": 48, "limit": 100,
+    "epochs": 1, "max_steps": 2500, "lr": 3e-3, "batch_size": 16, "micro_batch_size": 16,
+    "checkpoint_every": 500, "eval_every": 250, "eval_batch_size": 100, "max_new_tokens": 48,
     "dtype": "float32",
 }
+#: Training chains run at once (one per core of the 2-core machines the demo is sized for).
+DEMO_JOBS = 2
 
 
 # --------------------------------------------------------------------------- the task family
@@ -166,32 +195,60 @@ def pretrain(model: torch.nn.Module, tokenizer, records: list[dict], steps: int,
     return losses
 
 
-def build_world(root: Path) -> None:
-    """Data splits, tokenizer, teacher and student into `root` (a fresh folder)."""
+def file_checksums(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under `root` (relative path -> hex), world.json aside."""
+    from paratransfer.data import file_digest
+
+    return {str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "world.json"}
+
+
+def build_world(root: Path, spec: WorldSpec = WORLD, say: Callable[[str], None] = print) -> dict:
+    """Data splits, tokenizer, teacher and student into `root` (a fresh folder); returns
+    world.json's content.
+
+    Pretraining runs on one thread whatever the machine's setting, so the weights are the same
+    on every run and thread count (on one kind of CPU and torch version: other kernels round
+    differently); world.json records every file's checksum.
+    """
     from paratransfer.tiny import save_tiny, tiny_model
 
-    torch.manual_seed(0)
-    corpus = [m["content"] for fam in (two_step, one_step)
-              for r in arithmetic_records(2000, seed=7, family=fam) for m in r["messages"]]
-    tokenizer = demo_tokenizer(corpus)
-    write_jsonl(root / "seeds.jsonl", arithmetic_records(32, seed=101, prefix="seed"))
-    write_jsonl(root / "train.jsonl", arithmetic_records(256, seed=102, prefix="train"))
-    write_jsonl(root / "test.jsonl", arithmetic_records(100, seed=103, prefix="test"))
-    info = {"version": DEMO_VERSION}
-    for who, family, (kwargs, steps, lr), data_seed in (
-            ("teacher", two_step, TEACHER, 201), ("student", one_step, STUDENT, 202)):
-        model = tiny_model("llama", vocab=len(tokenizer), **kwargs)
-        started = time.time()
-        losses = pretrain(model, tokenizer, arithmetic_records(20000, data_seed, family, who),
-                          steps, lr, seed=data_seed, label=who)
-        save_tiny(model, tokenizer, root / who)
-        info[who] = {**kwargs, "family": family.__name__, "steps": steps, "lr": lr,
-                     "parameters": sum(p.numel() for p in model.parameters()),
-                     "final_loss": sum(losses[-20:]) / 20, "seconds": round(time.time() - started, 1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        corpus = [m["content"] for fam in (two_step, one_step)
+                  for r in arithmetic_records(2000, seed=7, family=fam) for m in r["messages"]]
+        tokenizer = demo_tokenizer(corpus)
+        for name, n, seed in (("seeds", spec.seeds, 101), ("train", spec.train, 102),
+                              ("test", spec.test, 103), ("heldout", spec.heldout, 104)):
+            write_jsonl(root / f"{name}.jsonl", arithmetic_records(n, seed=seed, prefix=name))
+        info: dict = {"version": DEMO_VERSION, "spec": asdict(spec)}
+        timing = {}
+        for who, family, kwargs, steps, lr, data_seed in (
+                ("teacher", two_step, spec.teacher, spec.teacher_steps, spec.teacher_lr, 201),
+                ("student", one_step, spec.student, spec.student_steps, spec.student_lr, 202)):
+            model = tiny_model("llama", vocab=len(tokenizer), **kwargs)
+            started = time.time()
+            records = arithmetic_records(spec.pretrain_records, data_seed, family, who)
+            losses = pretrain(model, tokenizer, records, steps, lr, seed=data_seed, label=who)
+            save_tiny(model, tokenizer, root / who)
+            timing[who] = round(time.time() - started, 1)
+            final = sum(losses[-20:]) / len(losses[-20:])
+            info[who] = {**kwargs, "family": family.__name__, "steps": steps, "lr": lr,
+                         "parameters": sum(p.numel() for p in model.parameters()),
+                         "final_loss": final}
+            say(f"demo: {who} pretrained on {family.__name__} problems: {steps} steps, final "
+                f"loss {final:.3f} ({timing[who]:.0f} s)")
+    finally:
+        torch.set_num_threads(threads)
+    info["checksums"] = file_checksums(root)
+    info["timing_seconds"] = timing
     (root / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
-def ensure_world(cache: Path | None = None) -> Path:
+def ensure_world(cache: Path | None = None, spec: WorldSpec = WORLD) -> Path:
     """The cached demo world, built (atomically) only when missing."""
     root = (cache or cache_root()) / f"demo-world-v{DEMO_VERSION}"
     if (root / "world.json").is_file():
@@ -202,7 +259,7 @@ def ensure_world(cache: Path | None = None) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
-        build_world(tmp)
+        build_world(tmp, spec, say=lambda line: print(line, flush=True))
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -218,9 +275,10 @@ def demo_recipe(world: Path) -> Path:
 
     recipe = {**DEMO_RECIPE, "teacher": str(world / "teacher"), "student": str(world / "student"),
               "task": {"type": "gsm", "seeds": str(world / "seeds.jsonl"),
-                       "train": str(world / "train.jsonl"), "eval": str(world / "test.jsonl")}}
+                       "train": str(world / "train.jsonl"), "eval": str(world / "test.jsonl"),
+                       "heldout": str(world / "heldout.jsonl")}}
     path = world / "demo.yaml"
-    text = ("# paratransfer run " + str(path) + " --out out/demo\n"
+    text = ("# paratransfer run " + str(path) + f" --out out/demo --jobs {DEMO_JOBS}\n"
             + yaml.safe_dump(recipe, sort_keys=False))
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
@@ -260,7 +318,7 @@ def run_demo(out: str | Path | None = None, cache: Path | None = None,
     world = ensure_world(cache)
     recipe = load_recipe(demo_recipe(world))
     result = run_experiment(recipe, out, resume=resume,
-                            overwrite=overwrite and out.exists(), progress=True)
+                            overwrite=overwrite and out.exists(), progress=True, jobs=DEMO_JOBS)
     print()
     print(to_markdown(result))
     print(summary_line(result, out) + f" (demo: {math.ceil(time.time() - started)} s in all)")

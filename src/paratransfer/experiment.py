@@ -10,6 +10,7 @@ Layout of RUN_DIR:
     arms/ARM/seed-S/train/           training run (plain LoRA on the student)
     arms/ARM/seed-S/eval/            evaluation of student + that LoRA
     results.{json,md,png}, sensitivity.png
+    stability/                       the stability report, when the recipe asks for one
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from paratransfer.errors import UserError
 from paratransfer.evaluate.run import EvalSettings
 from paratransfer.extract import ExtractSettings
 from paratransfer.outputs import write_json
-from paratransfer.recipe import Recipe
+from paratransfer.recipe import STEP_KEYS, Recipe
+from paratransfer.train.inits import INITS
 from paratransfer.train.settings import TrainSettings
 
 #: Called with "[run ] LABEL" or "[done] LABEL" before each step (a hook for tests and tools).
@@ -39,6 +41,7 @@ class Step:
     label: str
     done: Path
     work: Callable[[], str]  # does the step; returns what came out, in a few words
+    chain: tuple[str, int] | None = None  # (arm, seed) of a training chain; None: shared steps
 
 
 def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Path:
@@ -152,13 +155,50 @@ class Runner:
         def work() -> str:
             resume = resumable(folder)
             result = run_train(self.recipe.student, self.recipe.task.train, folder,
-                               TrainSettings.from_recipe(s, seed), adapter_dir=adapter,
+                               TrainSettings.from_recipe(s, seed, self.recipe.teacher),
+                               adapter_dir=adapter,
                                dtype=self.dtype, device=self.device, resume=resume,
-                               overwrite=not resume, progress=self.progress)
+                               overwrite=not resume, progress=self.progress,
+                               eval_data=self.recipe.task.heldout)
             info = result.summary
             return f"{info['steps_done']} steps, final loss {info['final_loss']:.4f}"
 
         return Step(f"train {arm} seed {seed}", folder / "train.json", work)
+
+    def stability_step(self, folder: Path) -> Step:
+        """The stability report of the transfer settings' choices over subsets of the seeds."""
+        from paratransfer.pipeline import SensitivitySettings
+        from paratransfer.stability import StabilitySettings, run_stability
+
+        s = self.recipe.settings
+        settings = StabilitySettings.from_recipe(self.recipe.stability)
+
+        def work() -> str:
+            report = run_stability(self.recipe.teacher, self.recipe.student,
+                                   self.recipe.task.seeds, folder, settings,
+                                   ExtractSettings.from_recipe(s, settings.seed),
+                                   SensitivitySettings.from_recipe(s), dtype=self.dtype,
+                                   device=self.device, overwrite=True, progress=self.progress)
+            jaccard = ", ".join(f"{x['size']}: {x['layers']['mean']:.2f}" for x in report["sizes"])
+            return f"{report['pool']['samples']} pool samples; layers Jaccard by size {jaccard}"
+
+        return Step("stability over seed subsets", folder / "stability.json", work)
+
+    def adapter_for(self, arm: str, seed: int, extractions: dict[str, Path]) -> tuple[Path, bool]:
+        """The adapter folder an arm's training reads, and whether it is extracted anew: arms
+        whose extraction settings are the same share one (e.g. `spectrum` reads `transfer`'s),
+        random strategies get one per seed."""
+        random = self.recipe.uses_random(arm)
+        settings = ExtractSettings.from_recipe(self.recipe.arm_settings(arm),
+                                               seed if random else self.recipe.seeds[0])
+        key = json.dumps(settings.as_dict(), sort_keys=True)
+        if key in extractions and not random:
+            return extractions[key], False
+        # An arm that changes no extraction setting reads the transfer arm's extraction.
+        owner = arm if set(self.recipe.arms[arm]) & set(STEP_KEYS["extract"]) else "transfer"
+        folder = self.out / "arms" / owner / (f"adapter-seed{seed}" if random else "adapter")
+        extractions[key] = folder
+        return folder, True
 
     # -- the plan and its execution ------------------------------------------------------
     def plan(self) -> tuple[list[Step], dict[str, Any]]:
@@ -175,22 +215,31 @@ class Runner:
             refs[who] = folder / "metrics.json"
         metrics: dict[str, dict[int, Path]] = {arm: {} for arm in recipe.arms}
         adapters: dict[str, Path] = {}
+        extractions: dict[str, Path] = {}
+        runs: dict[str, dict[int, Path]] = {}
+        chains: list[Step] = []
         for seed in recipe.seeds:
             for arm in recipe.arms:
                 adapter = None
-                if recipe.arm_settings(arm)["init"] == "transfer":
-                    name = f"adapter-seed{seed}" if recipe.uses_random(arm) else "adapter"
-                    adapter = out / "arms" / arm / name
-                    if adapter not in adapters.values() or recipe.uses_random(arm):
+                if INITS[recipe.arm_settings(arm)["init"]].needs_adapter:
+                    adapter, new = self.adapter_for(arm, seed, extractions)
+                    if new:  # extractions are shared steps, done before any training
                         steps.append(self.extract_step(arm, seed, adapter, sens))
                     adapters.setdefault(arm, adapter)
                 run_dir = out / "arms" / arm / f"seed-{seed}"
-                steps.append(self.train_step(arm, seed, run_dir / "train", adapter))
-                steps.append(self.evaluate_step(f"evaluate {arm} seed {seed}", recipe.student,
-                                                run_dir / "eval", recipe.arm_settings(arm),
-                                                adapter=run_dir / "train"))
+                train = self.train_step(arm, seed, run_dir / "train", adapter)
+                evaluate = self.evaluate_step(f"evaluate {arm} seed {seed}", recipe.student,
+                                              run_dir / "eval", recipe.arm_settings(arm),
+                                              adapter=run_dir / "train")
+                train.chain = evaluate.chain = (arm, seed)
+                chains += [train, evaluate]
                 metrics[arm][seed] = run_dir / "eval" / "metrics.json"
-        return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens}
+                runs.setdefault(arm, {})[seed] = run_dir / "train"
+        if recipe.stability is not None:
+            steps.append(self.stability_step(out / "stability"))
+        steps += chains
+        return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens,
+                       "runs": runs}
 
     def execute(self, index: int, total: int, step: Step) -> None:
         """Run one step unless complete; one line when it ends."""
@@ -207,26 +256,80 @@ class Runner:
         self.ran.append((step.label, seconds))
         self.log(f"{where}: {said} ({seconds:.1f} s)")
 
-    def run(self) -> dict[str, Any]:
+    def run(self, jobs: int = 1) -> dict[str, Any]:
+        """The shared steps in order, then the (arm, seed) training chains: in order, or
+        `jobs` at a time in separate processes (each chain computes the same either way)."""
         from paratransfer.results import write_results
 
         steps, found = self.plan()
-        for i, step in enumerate(steps, start=1):
-            self.execute(i, len(steps), step)
+        numbered = list(enumerate(steps, start=1))
+        for i, step in numbered:
+            if step.chain is None:
+                self.execute(i, len(steps), step)
+        chains: dict[tuple[str, int], list[int]] = {}
+        for i, step in numbered:
+            if step.chain is not None:
+                chains.setdefault(step.chain, []).append(i)
+        if jobs <= 1 or len(chains) <= 1:
+            for indices in chains.values():
+                for i in indices:
+                    self.execute(i, len(steps), steps[i - 1])
+        else:
+            self.run_parallel(list(chains.values()), jobs)
         return write_results(self.out, self.recipe, found["metrics"], found["refs"],
-                             found["adapters"], found["sens"])
+                             found["adapters"], found["sens"], found["runs"])
+
+    def run_parallel(self, chains: list[list[int]], jobs: int) -> None:
+        """Each chain in a fresh process (spawned: no state shared with this one), `jobs` at a
+        time, the CPU's threads split between them; they print their own lines."""
+        import multiprocessing
+        import os
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(_run_chain, self.recipe, self.out, chain, threads)
+                       for chain in chains]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()
+            for f in futures:
+                if f.done() and not f.cancelled():
+                    ran, reused = f.result()  # raises the chain's error, if any
+                    self.ran += ran
+                    self.reused += reused
+
+
+def _run_chain(recipe: Recipe, out: Path, indices: list[int],
+               threads: int) -> tuple[list[tuple[str, float]], list[str]]:
+    """A worker process: plan the same run and execute these steps of it."""
+    import torch
+
+    from paratransfer.console import quiet_libraries
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
+    runner = Runner(recipe, out, progress=False)
+    steps, _ = runner.plan()
+    for i in indices:
+        runner.execute(i, len(steps), steps[i - 1])
+    return runner.ran, runner.reused
 
 
 def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
                    overwrite: bool = False, progress: bool = True,
                    on_step: StepHook | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """`paratransfer run`: every step of the recipe; returns results.json's content plus
+                   log: Callable[[str], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """`paratransfer run`: every step of the recipe (training chains `jobs` at a time in
+    separate processes); returns results.json's content plus
     `steps` (how many ran now, how many were complete already, seconds) for the summary."""
     from paratransfer.outputs import absolute, check_not_an_input, check_writable, output_lock
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (give one)")
+    if jobs < 1:
+        raise UserError(f"--jobs: must be at least 1 (got {jobs})")
     from paratransfer.preflight import check_run_inputs
 
     out = absolute(out)
@@ -236,7 +339,7 @@ def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
     with output_lock(out):
         work = prepare_out(out, recipe, resume, overwrite)
         runner = Runner(recipe, work, progress, on_step, log)
-        result = runner.run()
+        result = runner.run(jobs)
         finish_out(work, out)
     return {**result, "steps": {"ran": len(runner.ran), "reused": len(runner.reused),
                                 "seconds": round(sum(s for _, s in runner.ran), 1)}}

@@ -72,6 +72,9 @@ class ExtractSettings:
             raise UserError(f"--svd: unknown method {self.svd!r} "
                             f"(expected one of: {', '.join(factorize.FACTORIZERS)})")
 
+    def as_dict(self) -> dict:
+        return {**asdict(self), "modules": list(self.modules)}
+
     @classmethod
     def from_recipe(cls, s: dict, seed: int) -> ExtractSettings:
         """From a recipe's (or arm's) settings, named as the flags; `seed` drives `random`."""
@@ -394,9 +397,3 @@ def extract(
                 spec, spec.module_name(s_arch.layers, s_layer), shape, settings.rank,
                 _module_seed(settings.seed, -(1 + k * max(n_student, 1) + (s_layer or 0)))))
     return result
-
-
-def settings_dict(settings: ExtractSettings) -> dict:
-    d = asdict(settings)
-    d["modules"] = list(settings.modules)
-    return d

@@ -269,17 +269,29 @@ def inject_transfer_init(peft_model, adapter: AdapterFiles,
                          adapter_name: str = ADAPTER_NAME) -> dict:
     """Set the LoRA factors to the adapter's and replace each base weight W by W - s·B·A.
 
-    The residual is computed in fp32 from the factors as the model holds them (after any
-    dtype cast), so that base + LoRA reproduces W up to the rounding of W's own dtype.
     Returns what was done, for train.json.
     """
-    factors = adapter_factors(peft_model, adapter, adapter_name)
-    untied = untie_head(peft_model.base_model.model) if _touches_tied(peft_model, adapter_name) else False
+    return set_residual_factors(peft_model, adapter_factors(peft_model, adapter, adapter_name),
+                                adapter_name)
+
+
+def set_residual_factors(peft_model, factors: dict[str, torch.Tensor],
+                         adapter_name: str = ADAPTER_NAME) -> dict:
+    """Set these LoRA factors (model parameter name -> tensor) and make the base weight of every
+    layer they belong to residual, W - s·B·A, so the model computes what it computed before.
+
+    The residual is computed in fp32 from the factors as the model holds them (after any
+    dtype cast), so that base + LoRA reproduces W up to the rounding of W's own dtype. A tied
+    head is untied first when the embedding (or head) is among the layers.
+    """
     params = lora_parameters(peft_model, adapter_name)
+    layers = {n: m for n, m in lora_layers(peft_model, adapter_name).items()
+              if any(_module_of(p) == n for p in factors)}
+    untied = (untie_head(peft_model.base_model.model)
+              if _touches_tied(peft_model, adapter_name, layers.values()) else False)
     with torch.no_grad():
         for name, t in factors.items():
             params[name].copy_(t.to(dtype=params[name].dtype, device=params[name].device))
-        layers = lora_layers(peft_model, adapter_name)
         for layer in layers.values():
             weight = _base_layer(layer).weight
             residual = weight.float() - lora_delta(layer, adapter_name).to(weight.device)
@@ -288,13 +300,15 @@ def inject_transfer_init(peft_model, adapter: AdapterFiles,
             "scale": float(next(iter(layers.values())).scaling[adapter_name]) if layers else None}
 
 
-def _touches_tied(peft_model, adapter_name: str) -> bool:
-    """Whether a LoRA module wraps the (tied) embedding or head, whose base weight is shared."""
+def _touches_tied(peft_model, adapter_name: str, layers=None) -> bool:
+    """Whether a LoRA module (of `layers`, default all) wraps the tied embedding or head,
+    whose base weight is shared."""
     model = peft_model.base_model.model
     if not is_tied(model):
         return False
     targets = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    return any(id(m) in targets for m in lora_layers(peft_model, adapter_name).values())
+    layers = lora_layers(peft_model, adapter_name).values() if layers is None else layers
+    return any(id(m) in targets for m in layers)
 
 
 def save_plain_lora(peft_model, out_dir: str | Path, initial_dir: str | Path | None,
@@ -316,6 +330,9 @@ def save_plain_lora(peft_model, out_dir: str | Path, initial_dir: str | Path | N
         # PEFT reads the initial adapter with save_embedding_layers="auto" and says so; only
         # its LoRA factors are used, nothing of the base is written.
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
+        # The conversion loads the initial factors as a second adapter, which PEFT warns about
+        # for a PiSSA init; converting to a plain LoRA is exactly what it recommends.
+        warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
         peft_model.save_pretrained(str(out_dir), save_embedding_layers=False,
                                    path_initial_model_for_weight_conversion=str(initial_dir))
     _add_embedding_differences(peft_model, out_dir, initial_dir, adapter_name)

@@ -221,7 +221,7 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
                 force: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """`paratransfer extract`: write a PEFT adapter + transfer.json + layer plot into `out`."""
     from paratransfer.adapter import write_adapter
-    from paratransfer.extract import extract, settings_dict, vocabulary_for
+    from paratransfer.extract import extract, vocabulary_for
     from paratransfer.plots import plot_layer_scores
     from paratransfer.sensitivity import SensitivityFile
 
@@ -259,7 +259,7 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
         "student": model_label(student_id),
         "rank": settings.rank,
         "alpha": settings.alpha,
-        "settings": settings_dict(settings),
+        "settings": settings.as_dict(),
         "selected_layers": result.selected_layers,
         "layer_scores": result.layer_scores,
         "sensitivity": {"file": str(sensitivity_path) if sensitivity_path else None,

@@ -43,16 +43,31 @@ def plot_layer_scores(scores: Sequence[float], selected: Sequence[int], path: st
     plt.close(fig)
 
 
+#: A fixed colour per well-known arm, so every figure of the project reads the same way.
+ARM_COLORS = {"transfer": "tab:orange", "lora": "tab:blue", "pissa": "tab:green",
+              "spectrum": "tab:purple", "distill": "tab:red"}
+_OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def arm_colors(arms: Sequence[str]) -> dict[str, str]:
+    others = iter(_OTHER_COLORS * (1 + len(arms) // len(_OTHER_COLORS)))
+    return {a: ARM_COLORS.get(a) or next(others) for a in arms}
+
+
 def plot_results(result: dict[str, Any], path: Path) -> None:
-    """Bars with std error bars per arm, each seed as a dot, reference rows as lines."""
+    """Bars (mean ± std, each seed a dot, references as lines) and, when training recorded
+    them, the held-out loss against step per arm (mean over seeds, band from min to max)."""
     plt = _pyplot()
     arms = result["arms"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 3, 3.8), dpi=110)
+    curves = result.get("heldout_curves") or {}
+    colors = arm_colors([a["arm"] for a in arms])
+    panels = 2 if curves else 1
+    fig, axes = plt.subplots(1, panels, figsize=(1.6 * len(arms) + 3 + 5.5 * (panels - 1), 3.9),
+                             dpi=110, squeeze=False)
+    ax = axes[0][0]
     xs = range(len(arms))
-    colors = ["tab:orange" if a["arm"] == "transfer" else "tab:blue" if a["arm"] == "lora"
-              else "tab:green" for a in arms]
     ax.bar(xs, [a["mean"] for a in arms], yerr=[a["std"] for a in arms], capsize=6,
-           color=colors, alpha=0.85)
+           color=[colors[a["arm"]] for a in arms], alpha=0.85)
     for x, a in zip(xs, arms, strict=True):
         vals = list(a["seeds"].values())
         ax.scatter([x] * len(vals), vals, color="black", s=12, zorder=3)
@@ -60,13 +75,24 @@ def plot_results(result: dict[str, Any], path: Path) -> None:
         ax.axhline(ref["value"], linestyle=style, color="gray", label=f"{ref['name']} (reference)")
     ax.set_xticks(list(xs), [a["arm"] for a in arms])
     ax.set_ylabel(result["metric"])
-    ax.set_title(f"{result['name']}: {result['task']} — mean ± std over {len(result['seeds'])} seeds")
+    ax.set_title(f"{result['name']}: {result['task']}, mean ± std over {len(result['seeds'])} seeds",
+                 fontsize=10)
     if result["references"]:
+        ax.legend(loc="best", fontsize=8)
+    if curves:
+        ax = axes[0][1]
+        for arm, c in curves.items():
+            ax.plot(c["step"], c["mean"], color=colors.get(arm, "black"), label=arm)
+            ax.fill_between(c["step"], c["min"], c["max"], color=colors.get(arm, "black"),
+                            alpha=0.15, linewidth=0)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("held-out answer loss")
+        ax.set_yscale("log")
+        ax.set_title("held-out loss: mean over seeds, band = min to max", fontsize=10)
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
 
 
 def role_sensitivity(sensitivity: Mapping[str, torch.Tensor], teacher_config,

@@ -65,7 +65,9 @@ def check_run_inputs(recipe) -> None:
         key = ("train", s["prompt_format"], s["max_length"])
         if key not in done:
             done.add(key)
-            load_examples(recipe.task.train, student_tok, s["prompt_format"], s["max_length"])
+            for path in (recipe.task.train, recipe.task.heldout):
+                if path is not None:
+                    load_examples(path, student_tok, s["prompt_format"], s["max_length"])
     evaluated = [(recipe.student, student_tok, s) for s in [recipe.settings, *arms]]
     if "teacher" in recipe.references:
         evaluated.append((recipe.teacher, teacher_tok, recipe.settings))

@@ -27,14 +27,18 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
                 "reduce": "window", "modules": "embed,attn,mlp,head", "svd": "exact",
                 "min_vocab_coverage": 0.5, "allow_pad": False},
     "train": {"init": "transfer", "epochs": 3, "lr": 3e-4, "batch_size": 64,
-              "micro_batch_size": 8, "max_steps": None, "checkpoint_every": 10},
+              "micro_batch_size": 8, "max_steps": None, "checkpoint_every": 10,
+              "eval_every": None, "distill": False, "distill_weight": 0.5,
+              "distill_temperature": 1.0, "teacher_dtype": "auto"},
     "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
                  "max_new_tokens": None},
     "run": {"dtype": "auto", "device": "auto"},
 }
 SETTING_DEFAULTS: dict[str, Any] = {k: v for keys in STEP_KEYS.values() for k, v in keys.items()}
-TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name"}
+TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name", "stability"}
 TASK_KEYS = {"type": None, "seeds": None, "train": None, "eval": None}
+#: Optional task files: held-out examples whose loss training records (with `eval_every`).
+OPTIONAL_TASK_KEYS = {"heldout": None}
 TASK_TYPES = ("gsm", "mmlu", "super_ni", "open")
 DEFAULT_ARMS: dict[str, dict[str, Any]] = {"transfer": {}, "lora": {"init": "standard"}}
 
@@ -45,6 +49,7 @@ class Task:
     seeds: Path
     train: Path
     eval: Path
+    heldout: Path | None = None
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Recipe:
     arms: dict[str, dict[str, Any]]
     references: list[str] = field(default_factory=lambda: ["student", "teacher"])
     name: str = "experiment"
+    stability: dict[str, Any] | None = None  # `stability: {sizes, draws, seed}`, as written
 
     def arm_settings(self, arm: str) -> dict[str, Any]:
         """The recipe's settings with the arm's one change applied."""
@@ -71,9 +77,10 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "teacher": self.teacher, "student": self.student,
-                "task": {k: str(v) for k, v in vars(self.task).items()},
+                "task": {k: str(v) for k, v in vars(self.task).items() if v is not None},
                 "seeds": self.seeds, "arms": self.arms, "references": self.references,
-                **self.settings}
+                **self.settings,
+                **({"stability": self.stability} if self.stability is not None else {})}
 
 
 def _norm(key: Any, where: str) -> str:
@@ -146,9 +153,10 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     if not isinstance(task_raw, dict):
         raise UserError(f"{path}: task: expected a mapping with type, seeds, train, eval")
     task_raw = {_norm(k, f"{path}: task"): v for k, v in task_raw.items()}
-    bad = sorted(set(task_raw) - set(TASK_KEYS))
+    bad = sorted(set(task_raw) - set(TASK_KEYS) - set(OPTIONAL_TASK_KEYS))
     if bad:
-        raise UserError(f"{path}: task.{bad[0]}: unknown key (expected type, seeds, train, eval)")
+        raise UserError(f"{path}: task.{bad[0]}: unknown key (expected type, seeds, train, eval, "
+                        "and optionally heldout)")
     for key in TASK_KEYS:
         if key not in task_raw:
             raise UserError(f"{path}: task.{key}: missing")
@@ -156,7 +164,9 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
         raise UserError(f"{path}: task.type: {task_raw['type']!r} is not a task "
                         f"(expected one of: {', '.join(TASK_TYPES)})")
     task = Task(task_raw["type"], *(_file(task_raw[k], f"{path}: task.{k}", base)
-                                    for k in ("seeds", "train", "eval")))
+                                    for k in ("seeds", "train", "eval")),
+                heldout=(_file(task_raw["heldout"], f"{path}: task.heldout", base)
+                         if task_raw.get("heldout") is not None else None))
     seeds = raw.get("seeds", [1, 2, 3])
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
@@ -166,6 +176,10 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     if settings["init"] != "transfer":
         raise UserError(f"{path}: init: the recipe's settings are the transfer arm's; give the "
                         "baseline as an arm (`lora: {init: standard}`)")
+    if settings["distill"] is True:
+        raise UserError(f"{path}: distill: the recipe's settings are every arm's (the lora "
+                        "baseline's too); give distillation as an arm (`distill: {init: standard, "
+                        "distill: true}`)")
     if settings["shots_data"] is not None:
         settings["shots_data"] = str(_file(settings["shots_data"], f"{path}: shots_data", base))
     arms = _parse_arms(raw.get("arms"), path)
@@ -179,13 +193,17 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     name = str(raw.get("name", path.stem))
     recipe = Recipe(path, _model_ref(raw["teacher"], f"{path}: teacher", base),
                     _model_ref(raw["student"], f"{path}: student", base), task, seeds, settings,
-                    arms, references, name)
+                    arms, references, name, raw.get("stability"))
     _check_settings(recipe)
+    if settings["eval_every"] is not None and recipe.task.heldout is None:
+        raise UserError(f"{path}: eval_every: give the held-out examples as task.heldout")
+    _check_stability(recipe)
     return recipe
 
 
 def _parse_arms(arms: Any, path: Path) -> dict[str, dict[str, Any]]:
-    """Arms: name -> the ONE setting it changes against the transfer arm."""
+    """Arms: name -> the ONE setting it changes against the transfer arm (or, with
+    `init: standard`, against the lora arm: `distill: {init: standard, distill: true}`)."""
     if arms is None:
         return {k: dict(v) for k, v in DEFAULT_ARMS.items()}
     if isinstance(arms, list):  # names only: transfer, lora
@@ -205,9 +223,10 @@ def _parse_arms(arms: Any, path: Path) -> dict[str, dict[str, Any]]:
         unknown = sorted(set(change) - set(SETTING_DEFAULTS))
         if unknown:
             raise UserError(f"{where}: unknown setting {unknown[0]!r}")
-        if len(change) > 1:
+        against_lora = {k: v for k, v in change.items() if (k, v) != ("init", "standard")}
+        if len(change) > 1 and len(against_lora) > 1:
             raise UserError(f"{where}: changes {len(change)} settings ({', '.join(sorted(change))}); "
-                            "an arm changes one thing against the transfer arm")
+                            "an arm changes one thing against the transfer arm or the lora arm")
         out[str(name)] = change
     if "lora" not in out:
         raise UserError(f"{path}: arms: the baseline arm `lora` ({{init: standard}}) is missing")
@@ -224,9 +243,27 @@ def _check_settings(recipe: Recipe) -> None:
         try:
             SensitivitySettings.from_recipe(s)
             ExtractSettings.from_recipe(s, seed=recipe.seeds[0])
-            TrainSettings.from_recipe(s, seed=recipe.seeds[0])
+            TrainSettings.from_recipe(s, seed=recipe.seeds[0], teacher=recipe.teacher)
             EvalSettings.from_recipe(recipe.task.type, s)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: a setting has the wrong type ({e})") from None
+
+
+def _check_stability(recipe: Recipe) -> None:
+    """The stability report's settings, and its sizes against the seed file's record count."""
+    if recipe.stability is None:
+        return
+    from paratransfer.data import read_examples
+    from paratransfer.stability import StabilitySettings, check_extract_settings
+
+    try:
+        settings = StabilitySettings.from_recipe(recipe.stability)
+        check_extract_settings(ExtractSettings.from_recipe(recipe.settings, settings.seed))
+    except UserError as e:
+        raise UserError(f"{recipe.source}: {e}") from None
+    pool = len(read_examples(recipe.task.seeds, limit=recipe.settings["max_samples"]))
+    if settings.sizes and settings.sizes[-1] > pool:
+        raise UserError(f"{recipe.source}: stability.sizes: {settings.sizes[-1]} is larger than "
+                        f"the pool ({pool} records in {recipe.task.seeds})")

@@ -1,5 +1,6 @@
-"""The results table of an experiment: per arm mean ± std over seeds, each seed's value, the
-paired difference to the `lora` baseline with a 95% interval, and reference rows."""
+"""The results of an experiment: per arm mean ± std over seeds, each seed's value, the paired
+difference to the `lora` baseline with a 95% interval, reference rows, the control contrasts
+(what each difference isolates, in one sentence each) and the held-out loss curves."""
 
 from __future__ import annotations
 
@@ -63,8 +64,63 @@ def summarize_arms(metrics: dict[str, dict[int, Path]]) -> tuple[str, list[dict[
     return metric or "", rows
 
 
+#: Paired contrasts the table reports when both arms ran: (arm, against, what it isolates).
+CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    ("transfer", "lora", "the transferred initialization"),
+    ("transfer", "spectrum", "the teacher's directions"),
+    ("transfer", "pissa", "the teacher's subspace over the student's own"),
+    ("distill", "lora", "distillation from the teacher"),
+    ("transfer", "distill", "parametric transfer over distillation"),
+)
+
+
+def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]]) -> list[dict[str, Any]]:
+    """The paired differences of CONTRASTS over the seeds both arms share, with a sentence."""
+    values = {arm: {s: _read(p)["value"] for s, p in by_seed.items()}
+              for arm, by_seed in metrics.items()}
+    out = []
+    for arm, other, isolates in CONTRASTS:
+        if arm not in values or other not in values:
+            continue
+        seeds = sorted(set(values[arm]) & set(values[other]))
+        if not seeds:
+            continue
+        d = paired_interval([values[arm][s] for s in seeds], [values[other][s] for s in seeds])
+        out.append({"contrast": f"{arm} − {other}", "isolates": isolates, **d,
+                    "sentence": sentence(f"{isolates} ({arm} − {other})", d)})
+    return out
+
+
+def sentence(what: str, d: dict[str, Any]) -> str:
+    """One plain sentence on a paired difference, as the numbers say."""
+    if d["low"] is None:
+        return f"{what}: {d['mean']:+.4f} from one seed, no interval: no conclusion."
+    interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+    if d["low"] > 0:
+        return f"{what}: {interval}, significant (the interval is above 0)."
+    if d["high"] < 0:
+        return f"{what}: {interval}, significant (the interval is below 0)."
+    return f"{what}: {interval}, not significant (the interval includes 0)."
+
+
+def heldout_curves(runs: dict[str, dict[int, Path]]) -> dict[str, dict[str, list[float]]]:
+    """Per arm, the held-out loss against step over its seeds (mean, min, max at each step all
+    seeds recorded), from the train.json of each run; arms without curves are left out."""
+    curves = {}
+    for arm, by_seed in runs.items():
+        per_seed = [{h["step"]: h["loss"] for h in _read(d / "train.json").get("heldout_history") or []}
+                    for d in by_seed.values()]
+        steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
+        if steps:
+            at = [[c[step] for c in per_seed] for step in steps]
+            curves[arm] = {"step": steps, "mean": [statistics.fmean(v) for v in at],
+                           "min": [min(v) for v in at], "max": [max(v) for v in at],
+                           "seeds": len(per_seed)}
+    return curves
+
+
 def to_markdown(result: dict[str, Any]) -> str:
-    """The table people read: arms, then reference rows."""
+    """The table people read: arms, reference rows, then one sentence per contrast."""
     metric = result["metric"]
     lines = [f"# {result['name']}: {result['task']} ({metric})", "",
              f"teacher `{result['teacher']}` → student `{result['student']}`; seeds "
@@ -83,26 +139,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['arm']} | {row['mean']:.4f} ± {row['std']:.4f} | {per_seed} | {delta} |")
     for ref in result["references"]:
         lines.append(f"| *{ref['name']}* (reference) | {ref['value']:.4f} | — | — |")
-    verdict = result.get("verdict")
-    if verdict:
-        lines += ["", verdict]
+    said = [c["sentence"] for c in result.get("contrasts", [])]
+    if said:
+        lines += ["", *(f"- {x}" for x in said)]
     return "\n".join(lines) + "\n"
-
-
-def verdict(rows: list[dict[str, Any]]) -> str:
-    """One sentence on the transfer arm against the baseline, as the numbers say."""
-    row = next((r for r in rows if r["arm"] == "transfer"), None)
-    d = row.get("vs_lora") if row else None
-    if d is None:
-        return ""
-    if d["low"] is None:
-        return f"transfer − lora = {d['mean']:+.4f} from one seed: no conclusion."
-    if d["low"] > 0:
-        return f"transfer beats lora: {d['mean']:+.4f}, 95% CI [{d['low']:+.4f}, {d['high']:+.4f}]."
-    if d["high"] < 0:
-        return f"transfer is worse than lora: {d['mean']:+.4f}, 95% CI [{d['low']:+.4f}, {d['high']:+.4f}]."
-    return (f"no significant difference between transfer and lora: {d['mean']:+.4f}, "
-            f"95% CI [{d['low']:+.4f}, {d['high']:+.4f}] includes 0.")
 
 
 def _config(model_id: str):
@@ -113,8 +153,12 @@ def _config(model_id: str):
 
 
 def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: dict[str, Path],
-                  adapters: dict[str, Path], sens: Path) -> dict[str, Any]:
-    """results.json, results.md, results.png and sensitivity.png; returns results.json's data."""
+                  adapters: dict[str, Path], sens: Path,
+                  runs: dict[str, dict[int, Path]] | None = None) -> dict[str, Any]:
+    """results.json, results.md, results.png and sensitivity.png; returns results.json's data.
+
+    `runs` (arm -> seed -> training folder) supplies the held-out loss curves, when recorded.
+    """
     metric, rows = summarize_arms(metrics)
     references = []
     for who, path in refs.items():
@@ -123,7 +167,8 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
     result = {
         "name": recipe.name, "task": recipe.task.type, "metric": metric,
         "teacher": recipe.teacher, "student": recipe.student, "seeds": recipe.seeds,
-        "arms": rows, "references": references, "verdict": verdict(rows),
+        "arms": rows, "references": references, "contrasts": contrasts(rows, metrics),
+        "heldout_curves": heldout_curves(runs or {}),
     }
     with atomic_file(out / "results.json", overwrite=True) as tmp:
         write_json(tmp, result)

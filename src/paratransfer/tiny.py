@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-#: Characters every built-in tokenizer knows, so the seed sets in ../shared/data tokenize too
+#: Characters every built-in tokenizer knows, so real task text (GSM, MMLU, ...) tokenizes too
 #: (unknown characters map to <unk>).
 DEFAULT_ALPHABET = string.printable + "’“”—–…€£°×÷"
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]

@@ -6,6 +6,7 @@ subtracts them from the base weights (`inject.py`).
 
 The parts, in the order a run meets them:
     settings.py     TrainSettings: every choice, the paper's defaults
+    inits.py        the named initializations of the LoRA factors (the arms)
     batches.py      which examples each step sees (same order for every arm), tensors, the loss
     setup.py        inputs checked, LoRA model built and initialized, optimizer
     state.py        Run: the state the loop, checkpoints and outputs share
@@ -37,10 +38,11 @@ from paratransfer.train.checkpoints import (
     restore_checkpoint,
     save_checkpoint,
 )
+from paratransfer.train.inits import INITS, Init
 from paratransfer.train.loop import learning_rate, train, train_step
 from paratransfer.train.outputs import TRAIN_JSON, plot_loss, save_outputs, summary
 from paratransfer.train.run import TrainResult, run_train
-from paratransfer.train.settings import INITS, TrainSettings
+from paratransfer.train.settings import TrainSettings
 from paratransfer.train.setup import (
     adapter_roles,
     build_lora_model,
@@ -54,7 +56,7 @@ from paratransfer.train.setup import (
 from paratransfer.train.state import Run
 
 __all__ = [
-    "CHECKPOINTS", "INITS", "TRAIN_JSON", "Dist", "Example", "Run", "TrainResult",
+    "CHECKPOINTS", "INITS", "TRAIN_JSON", "Dist", "Example", "Init", "Run", "TrainResult",
     "TrainSettings", "adapter_roles", "answer_loss_sum", "batch_digest", "batch_indices",
     "build_lora_model", "check_output", "collate", "epoch_order", "init_lora", "last_checkpoint",
     "learning_rate", "load_examples", "lora_targets", "micro_batches", "plot_loss",

@@ -80,6 +80,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
     with atomic_dir(path, overwrite=True) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         info = {"step": step, "meta": run.meta, "history": run.history,
+                "heldout_history": run.heldout_history,
                 "param_names": [n for n, _ in run.trainable],
                 "optimizer": {"param_groups": state["param_groups"], "other_state": other},
                 "tensors_sha256": file_digest(tmp / TENSORS),
@@ -122,11 +123,14 @@ def restore_checkpoint(run: Run, folder: Path) -> None:
     for i, extra in info["optimizer"]["other_state"].items():
         state["state"].setdefault(int(i), {}).update(extra)
     run.optimizer.load_state_dict(state)
-    run.history = [{k: v for k, v in h.items() if k != "seconds"} for h in info["history"]]
+    run.history = [{k: v for k, v in h.items() if k not in ("seconds", "teacher_seconds")}
+                   for h in info["history"]]
+    run.heldout_history = info.get("heldout_history", [])
     run.start_step = info["step"]
     timing = info.get("timing") or {"train_seconds": info.get("seconds", 0.0)}
     run.seconds = timing.get("train_seconds", 0.0)
     run.step_seconds = list(timing.get("step_seconds", []))
+    run.teacher_seconds = list(timing.get("teacher_seconds", []))
     run.resumed_from = [*timing.get("resumed_from", []), info["step"]]
 
 
@@ -136,6 +140,10 @@ def _check_same_run(saved: dict, now: dict, folder: Path) -> None:
         if saved.get(key) != now.get(key):
             raise UserError(f"--resume: {key} is {now.get(key)!r} now but {saved.get(key)!r} in "
                             f"{folder} (give the command that started the run)")
+    digests = [(m.get("heldout") or {}).get("data_sha256") for m in (saved, now)]
+    if digests[0] != digests[1]:
+        raise UserError(f"--resume: the held-out examples (--eval-data) differ from those of the "
+                        f"run in {folder} (give the command that started the run)")
     for key, value in now["settings"].items():
         if key not in _RESUMABLE_CHANGES and saved["settings"].get(key) != value:
             raise UserError(f"--resume: setting {key} is {value!r} now but "

@@ -20,7 +20,6 @@ import torch
 from paratransfer.distributed import sum_across_processes
 from paratransfer.train.batches import (
     _mix,
-    answer_loss_sum,
     batch_digest,
     batch_indices,
     collate,
@@ -28,6 +27,7 @@ from paratransfer.train.batches import (
     steps_per_epoch,
 )
 from paratransfer.train.checkpoints import save_checkpoint
+from paratransfer.train.heldout import due, record
 from paratransfer.train.state import Run
 
 
@@ -52,22 +52,26 @@ def train_step(run: Run, step: int, scaler) -> dict:
     answer_total = sum(run.examples[i].answer_tokens for i in indices)
     torch.manual_seed(_mix(s.seed, step, dist.rank))  # LoRA dropout: same masks when resumed
     loss_sum = torch.zeros((), device=run.device)
+    part_sums = {name: torch.zeros((), device=run.device) for name in run.objective.parts}
+    teacher_seconds = getattr(run.objective, "seconds", 0.0)
     tokens = 0
     for mb in micro_batches(indices, s.micro_batch_size, dist.rank, dist.world):
         batch = {k: v.to(run.device) for k, v in collate(run.examples, mb, run.pad_id).items()}
         with _autocast(run):
             logits = run.model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).logits
-        part = answer_loss_sum(logits, batch["labels"])
+        part, parts = run.objective(logits, batch)
         scaler.scale(part / answer_total).backward()
         loss_sum += part.detach()
+        for name, value in parts.items():
+            part_sums[name] += value.float()
         tokens += int(batch["attention_mask"].sum())
     params = [p for _, p in run.trainable]
     for p in params:
         if p.grad is None:  # a process with no example in a short last batch
             p.grad = torch.zeros_like(p)
     counts = torch.tensor([float(tokens)], device=run.device)
-    sum_across_processes([p.grad for p in params] + [loss_sum, counts], dist)
+    sum_across_processes([p.grad for p in params] + [loss_sum, counts, *part_sums.values()], dist)
     check_finite(run, step, "loss", float(loss_sum) / answer_total)
     scaler.unscale_(run.optimizer)
     if s.max_grad_norm > 0:
@@ -80,9 +84,13 @@ def train_step(run: Run, step: int, scaler) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     check_finite(run, step, "LoRA weights after the update", params)
     per_epoch = steps_per_epoch(len(run.examples), s.batch_size)
-    return {"step": step + 1, "epoch": step // per_epoch, "loss": float(loss_sum) / answer_total,
-            "lr": lr, "tokens": int(counts.item()), "answer_tokens": answer_total,
-            "batch": batch_digest(indices)}
+    entry = {"step": step + 1, "epoch": step // per_epoch, "loss": float(loss_sum) / answer_total,
+             **{name: float(v) / answer_total for name, v in part_sums.items()},
+             "lr": lr, "tokens": int(counts.item()), "answer_tokens": answer_total,
+             "batch": batch_digest(indices)}
+    if hasattr(run.objective, "seconds"):  # the distillation teacher's forward passes
+        entry["teacher_seconds"] = round(run.objective.seconds - teacher_seconds, 6)
+    return entry
 
 
 def check_finite(run: Run, step: int, what: str, value: float | list[torch.Tensor]) -> None:
@@ -114,6 +122,8 @@ def train(run: Run, progress: bool, stop_after: int | None) -> bool:
     end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
     scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda"
                                   and run.dtype == torch.float16)
+    if run.start_step == 0 and due(run, 0, end):
+        record(run, 0)
     run.model.train()
     bar = progress_bar(total=run.total_steps, initial=run.start_step, desc=f"train ({s.init})",
                        unit="step", enabled=progress and run.dist.main)
@@ -123,9 +133,14 @@ def train(run: Run, progress: bool, stop_after: int | None) -> bool:
         seconds = round(time.perf_counter() - started, 6)
         run.seconds += seconds
         run.step_seconds.append(seconds)
+        if "teacher_seconds" in entry:  # wall-clock time: with the run's timing, not its history
+            run.teacher_seconds.append(entry.pop("teacher_seconds"))
         run.history.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+        if due(run, step + 1, run.total_steps):
+            record(run, step + 1)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", heldout=f"{run.heldout_history[-1]['loss']:.4f}")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == end:
             if run.dist.main:
                 save_checkpoint(run, step + 1)

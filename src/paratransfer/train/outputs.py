@@ -9,6 +9,7 @@ from pathlib import Path
 
 from paratransfer.outputs import atomic_dir, follow_umask, scratch_dir, write_json
 from paratransfer.train.checkpoints import CHECKPOINTS
+from paratransfer.train.inits import INITS
 from paratransfer.train.state import Run
 
 TRAIN_JSON = "train.json"
@@ -22,8 +23,9 @@ def summary(run: Run, complete: bool) -> dict:
         "complete": complete,
         "steps_done": len(run.history),
         "final_loss": run.history[-1]["loss"] if run.history else None,
-        "adapter_rank": run.settings.rank * (2 if run.settings.init == "transfer" else 1),
+        "adapter_rank": run.settings.rank * (2 if INITS[run.settings.init].residual else 1),
         "history": run.history,
+        "heldout_history": run.heldout_history,
         "timing": run.timing(),
     }
 
@@ -57,7 +59,7 @@ def save_outputs(run: Run, info: dict) -> None:
     tmp = scratch_dir(run.out, "final")
     try:
         initial = None
-        if run.settings.init == "transfer":
+        if INITS[run.settings.init].residual:
             initial = tmp / INITIAL_NAME  # PEFT rewrites the config of this folder: use a copy
             shutil.copytree(run.out / INITIAL_NAME, initial)
         save_plain_lora(run.model, tmp / "adapter", initial)

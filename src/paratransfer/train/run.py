@@ -44,12 +44,13 @@ def run_train(student_id: str, data_path: str | Path, out: str | Path,
               settings: TrainSettings | None = None, adapter_dir: str | Path | None = None,
               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool = True,
-              stop_after: int | None = None) -> TrainResult:
+              stop_after: int | None = None, eval_data: str | Path | None = None) -> TrainResult:
     """`paratransfer train`: LoRA fine-tuning of the student in the transfer or standard arm.
 
     `stop_after` ends the run (with a checkpoint) once that many steps are done, as an
-    interruption would; `resume=True` continues it. Nothing is written before every input has
-    been checked, and an existing output (`overwrite`) is replaced only once the new run is
+    interruption would; `resume=True` continues it. With `eval_data`, the held-out loss is
+    recorded every `settings.eval_every` steps. Nothing is written before every input has been
+    checked, and an existing output (`overwrite`) is replaced only once the new run is
     complete.
     """
     from paratransfer.devices import pick_device, pick_dtype
@@ -60,13 +61,14 @@ def run_train(student_id: str, data_path: str | Path, out: str | Path,
     dist, device = start_distributed(device)
     try:
         dtype = dtype or pick_dtype("auto", device)
-        check_not_an_input(out, [student_id, data_path, adapter_dir])
+        check_not_an_input(out, [student_id, data_path, adapter_dir, eval_data,
+                                 settings.distill])
         check_writable(out)
         with output_lock(out) if dist.main else contextlib.nullcontext():
             work, resume_from = check_output(out, resume, overwrite)
             dist.barrier()  # every process has decided before rank 0 changes anything
             run = setup(student_id, data_path, work, settings, adapter_dir, dtype, device, dist,
-                        resume_from)
+                        resume_from, eval_data)
             if dist.main:
                 if resume_from is None:
                     if work == out:  # an abandoned replacement of an output deleted since

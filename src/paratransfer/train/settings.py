@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 
 from paratransfer.checks import finite_number, whole_number
 from paratransfer.errors import UserError
+from paratransfer.train.inits import INITS
 
-INITS = ("transfer", "standard")
 #: Settings that may differ between a run and its resumption (they do not change the result).
 _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 
@@ -17,7 +17,7 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 class TrainSettings:
     """Every choice of a training run; the defaults are the paper's recipe (docs/method.md §6)."""
 
-    init: str = "transfer"  # transfer (extracted factors, residual base) | standard (PEFT default)
+    init: str = "transfer"  # a name in train/inits.py: transfer | standard | pissa | spectrum
     epochs: int = 3
     lr: float = 3e-4
     batch_size: int = 64  # effective batch: examples per optimizer step over all processes
@@ -36,6 +36,11 @@ class TrainSettings:
     adam_eps: float = 1e-8
     prompt_format: str = "tulu"
     checkpoint_every: int = 10  # steps
+    eval_every: int | None = None  # steps between held-out losses (with eval data)
+    distill: str | None = None  # teacher model folder or hub id: logit distillation from it
+    distill_weight: float = 0.5  # λ in (1 − λ)·CE + λ·τ²·KL
+    distill_temperature: float = 1.0  # τ
+    teacher_dtype: str = "auto"  # the distillation teacher's dtype (auto: the training dtype)
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
@@ -48,6 +53,7 @@ class TrainSettings:
                                   ("micro_batch_size", "--micro-batch-size", 1),
                                   ("max_length", "--max-length", 2),
                                   ("checkpoint_every", "--checkpoint-every", 1),
+                                  ("eval_every", "--eval-every", 1),
                                   ("max_steps", "--max-steps", 1), ("rank", "--rank", 1),
                                   ("seed", "--seed", None),
                                   ("keep_checkpoints", "keep_checkpoints", 1)):
@@ -55,9 +61,19 @@ class TrainSettings:
                 object.__setattr__(self, name, whole_number(flag, getattr(self, name), least))
         for name, flag in (("lr", "--lr"), ("alpha", "--alpha"), ("dropout", "--dropout"),
                            ("warmup_ratio", "warmup_ratio"), ("weight_decay", "weight_decay"),
-                           ("max_grad_norm", "max_grad_norm"), ("adam_eps", "adam_eps")):
+                           ("max_grad_norm", "max_grad_norm"), ("adam_eps", "adam_eps"),
+                           ("distill_weight", "--distill-weight"),
+                           ("distill_temperature", "--distill-temperature")):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, finite_number(flag, getattr(self, name)))
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise UserError(f"--distill-weight: must be in [0, 1] (got {self.distill_weight})")
+        if not self.distill_temperature > 0:
+            raise UserError(f"--distill-temperature: must be positive (got "
+                            f"{self.distill_temperature})")
+        if self.teacher_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"--teacher-dtype: {self.teacher_dtype!r} is not known (expected auto, "
+                            "float32, bfloat16 or float16)")
         if self.micro_batch_size > self.batch_size:
             raise UserError(f"--micro-batch-size ({self.micro_batch_size}) must not exceed "
                             f"--batch-size ({self.batch_size})")
@@ -79,14 +95,23 @@ class TrainSettings:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
 
     @classmethod
-    def from_recipe(cls, s: dict, seed: int) -> TrainSettings:
-        """From a recipe's (or arm's) settings: every arm gets the recipe's LoRA budget."""
+    def from_recipe(cls, s: dict, seed: int, teacher: str | None = None) -> TrainSettings:
+        """From a recipe's (or arm's) settings: every arm gets the recipe's LoRA budget;
+        `distill: true` distills from the recipe's `teacher`."""
+        if not isinstance(s["distill"], bool):
+            raise UserError(f"distill: expected true or false (got {s['distill']!r})")
+        if s["distill"] and not teacher:
+            raise UserError("distill: true distills from the recipe's teacher, which is missing")
         return cls(init=s["init"], epochs=s["epochs"], lr=s["lr"],
                    batch_size=s["batch_size"], micro_batch_size=s["micro_batch_size"],
                    max_length=s["max_length"], max_steps=s["max_steps"], seed=seed,
                    rank=s["rank"], alpha=s["alpha"], dropout=s["dropout"],
                    modules=s["modules"], prompt_format=s["prompt_format"],
-                   checkpoint_every=s["checkpoint_every"])
+                   checkpoint_every=s["checkpoint_every"], eval_every=s["eval_every"],
+                   distill=teacher if s["distill"] else None,
+                   distill_weight=s["distill_weight"],
+                   distill_temperature=s["distill_temperature"],
+                   teacher_dtype=s["teacher_dtype"])
 
     def as_dict(self) -> dict:
         d = asdict(self)

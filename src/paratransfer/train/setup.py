@@ -14,6 +14,8 @@ from paratransfer.distributed import Dist
 from paratransfer.errors import UserError
 from paratransfer.train.batches import load_examples, steps_per_epoch
 from paratransfer.train.checkpoints import CHECKPOINTS, last_checkpoint, restore_checkpoint
+from paratransfer.train.inits import INITS
+from paratransfer.train.objectives import CrossEntropy
 from paratransfer.train.settings import TrainSettings
 from paratransfer.train.state import Run
 
@@ -25,9 +27,10 @@ def resolve_settings(settings: TrainSettings, adapter, arch) -> TrainSettings:
     if adapter is None:
         return replace(settings, rank=settings.rank or 16, alpha=settings.alpha or 16.0,
                        modules=settings.modules or ROLES)
-    if settings.init == "transfer" and settings.rank not in (None, adapter.rank):
+    if INITS[settings.init].needs_adapter and settings.rank not in (None, adapter.rank):
         raise UserError(f"--rank: {settings.rank} differs from the adapter's rank {adapter.rank} "
-                        f"({adapter.folder}); the extracted factors fix the rank")
+                        f"({adapter.folder}); --init {settings.init} takes the rank of the "
+                        "extracted factors")
     return replace(settings, rank=settings.rank or adapter.rank,
                    alpha=settings.alpha or adapter.alpha,
                    modules=settings.modules or adapter_roles(adapter, arch))
@@ -80,7 +83,8 @@ def check_rank(student, specs: list, rank: int) -> None:
 
 
 def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str):
-    """Wrap the student with PEFT LoRA (default init, seeded): the same in both arms."""
+    """Wrap the student with PEFT LoRA, seeded; the arm's init says how PEFT fills the factors
+    (its default for most, PiSSA for `pissa`)."""
     from peft import LoraConfig, get_peft_model
 
     from paratransfer.arch import arch_for
@@ -88,18 +92,16 @@ def build_lora_model(student, specs: list, settings: TrainSettings, student_id: 
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=arch_for(student).peft_targets(specs),
                         fan_in_fan_out=any(s.conv1d for s in specs), bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=student_id)
+                        task_type="CAUSAL_LM", base_model_name_or_path=student_id,
+                        init_lora_weights=INITS[settings.init].peft_init)
     torch.manual_seed(settings.seed)
     return get_peft_model(student, config)
 
 
 def init_lora(peft_model, settings: TrainSettings, adapter) -> dict | None:
-    """The one place the arms differ: transfer loads the factors and makes the base residual."""
-    if settings.init == "standard":
-        return None
-    from paratransfer.inject import inject_transfer_init
-
-    return inject_transfer_init(peft_model, adapter)
+    """The one place the arms differ: the named init sets the factors (train/inits.py)."""
+    init = INITS[settings.init]
+    return init.apply(peft_model, adapter, settings.seed) if init.apply is not None else None
 
 
 def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
@@ -145,15 +147,16 @@ def resumable(out: Path) -> bool:
 
 def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSettings,
           adapter_dir: str | Path | None, dtype: torch.dtype, device: torch.device, dist: Dist,
-          resume_from: Path | None) -> Run:
+          resume_from: Path | None, eval_data: str | Path | None = None) -> Run:
     """Read and check every input, build the LoRA model of the chosen arm and the optimizer."""
     from paratransfer.arch import arch_for
     from paratransfer.data import file_digest
     from paratransfer.inject import check_adapter_shapes, read_adapter
     from paratransfer.models import load_model, load_tokenizer, model_label
 
-    if settings.init == "transfer" and adapter_dir is None:
-        raise UserError("--init transfer needs --adapter ADAPTER_DIR (from `paratransfer extract`)")
+    if INITS[settings.init].needs_adapter and adapter_dir is None:
+        raise UserError(f"--init {settings.init} needs --adapter ADAPTER_DIR (from "
+                        "`paratransfer extract`)")
     adapter = read_adapter(adapter_dir) if adapter_dir is not None else None
     tokenizer = load_tokenizer(student_id)
     examples, dropped = load_examples(data_path, tokenizer, settings.prompt_format,
@@ -164,6 +167,11 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         notice(f"{data_path}: {dropped} of {dropped + len(examples)} examples dropped, no answer "
                f"token left after truncation to --max-length {settings.max_length} "
                "(train.json: dropped_no_answer)")
+    heldout: list = []
+    if eval_data is not None:
+        heldout, _ = load_examples(eval_data, tokenizer, settings.prompt_format, settings.max_length)
+    elif settings.eval_every is not None:
+        raise UserError("--eval-every: give the held-out examples to score with --eval-data FILE")
     student = load_model(student_id, dtype=dtype, device=device)
     if adapter is not None:
         check_adapter_shapes(student, adapter)
@@ -180,6 +188,8 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
                                   eps=settings.adam_eps, weight_decay=settings.weight_decay)
     per_epoch = steps_per_epoch(len(examples), settings.batch_size)
     total = settings.max_steps or settings.epochs * per_epoch
+    if heldout and settings.eval_every is None:  # about ten points on the curve
+        settings = replace(settings, eval_every=max(1, math.ceil(total / 10)))
     meta = {
         "paratransfer_version": __version__,
         "student": model_label(student_id),
@@ -204,10 +214,28 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         "skipped": skipped,
         "injection": injection,
         "trainable_parameters": sum(p.numel() for p in trainable),
+        "heldout": ({"data": str(Path(eval_data).resolve()), "data_sha256": file_digest(eval_data),
+                     "examples": len(heldout), "every": settings.eval_every}
+                    if eval_data is not None else None),
     }
+    objective = CrossEntropy()
+    if settings.distill is not None:
+        from paratransfer.devices import DTYPES
+        from paratransfer.train.objectives import load_distillation
+
+        teacher_dtype = dtype if settings.teacher_dtype == "auto" else DTYPES[settings.teacher_dtype]
+        objective = load_distillation(settings.distill, tokenizer, settings.distill_weight,
+                                      settings.distill_temperature, teacher_dtype, device)
+        meta["distill"] = {"teacher": model_label(settings.distill),
+                           "weight": settings.distill_weight,
+                           "temperature": settings.distill_temperature,
+                           "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
+                           "teacher_parameters": sum(p.numel() for p in
+                                                     objective.teacher.parameters()),
+                           "vocabulary": objective.vocab}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
-              dtype, dist, out, meta)
+              dtype, dist, out, meta, heldout=heldout, objective=objective)
     if resume_from is not None:
         restore_checkpoint(run, resume_from)
     return run
