@@ -60,7 +60,7 @@ __all__ = [
     "TrainSettings", "adapter_roles", "answer_loss_sum", "batch_digest", "batch_indices",
     "build_lora_model", "check_output", "collate", "epoch_order", "init_lora", "last_checkpoint",
     "learning_rate", "load_examples", "lora_targets", "micro_batches", "plot_loss",
-    "resumable", "resolve_settings", "restore_checkpoint", "run_train", "save_checkpoint", "save_outputs",
-    "setup", "start_distributed", "steps_per_epoch", "sum_across_processes", "summary", "train",
-    "train_step",
+    "resolve_settings", "restore_checkpoint", "resumable", "run_train", "save_checkpoint",
+    "save_outputs", "setup", "start_distributed", "steps_per_epoch", "sum_across_processes",
+    "summary", "train", "train_step",
 ]
