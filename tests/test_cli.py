@@ -165,3 +165,35 @@ def test_unknown_strategy_names(capsys, model_pairs, seeds_file, tmp_path):
         code, _, err = run_cli(capsys, "extract", "--teacher", teacher, "--student", student,
                                "--seeds", seeds_file, "--out", tmp_path / "a", flag, value)
         assert_one_line_error(code, err, flag, value.split(",")[-1])
+
+
+def test_model_paths_and_tokenizers_are_named_plainly(capsys, model_pairs, seeds_file, tmp_path):
+    """A missing local folder is "no such folder" (not a failed hub download), a folder without
+    tokenizer files says so (not a garbled tokenizer error)."""
+    import shutil
+
+    teacher, student = model_pairs["llama"]
+    for missing, needle in ((tmp_path / "nope", "no such folder (expected a model folder"),
+                            ("./models/nope", "no such folder (expected a model folder"),
+                            ("models/nope", "no such folder, and no")):
+        code, _, err = run_cli(capsys, "extract", "--teacher", missing, "--student", student,
+                               "--seeds", seeds_file, "--out", tmp_path / "a", "--quiet")
+        assert_one_line_error(code, err, needle)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(student / name, bare / name)
+    code, _, err = run_cli(capsys, "evaluate", "--model", bare, "--task", "gsm", "--data",
+                           seeds_file, "--out", tmp_path / "e", "--quiet")
+    assert_one_line_error(code, err, "bare: no tokenizer in this folder")
+    assert nothing_written(tmp_path / "a") and nothing_written(tmp_path / "e")
+
+
+def test_same_model_as_teacher_and_student_is_pointed_out(capsys, model_pairs, seeds_file,
+                                                          tmp_path):
+    student = model_pairs["llama"][1]
+    code, _, err = run_cli(capsys, "extract", "--teacher", student, "--student", student,
+                           "--seeds", seeds_file, "--out", tmp_path / "a", "--rank", "4",
+                           "--quiet")
+    assert code == 0
+    assert "note: " in err and "are the same model" in err

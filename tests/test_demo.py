@@ -49,6 +49,31 @@ def test_demo_recipe_validates(tmp_path):
     assert (tmp_path / "demo.yaml").read_text().startswith("# paratransfer run ")
 
 
+def test_demo_never_empties_a_folder_that_is_not_a_demo_run(tmp_path, monkeypatch, capsys):
+    """`demo --out DIR` on someone's folder is refused before any work (it used to empty it)."""
+    import paratransfer.demo as demo
+    from paratransfer.cli import main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo started working on a folder it must refuse")
+
+    monkeypatch.setattr(demo, "ensure_world", no_work)
+    mine = tmp_path / "d"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["demo", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a demo run" in err and "--overwrite" in err
+    assert (mine / "notes.txt").read_text() == "keep"
+    # An empty folder or a demo run there is the demo's to (re)use.
+    (tmp_path / "empty").mkdir()
+    assert demo.demo_out(tmp_path / "empty") == (tmp_path / "empty", False)
+    (tmp_path / "earlier" / "recipe.json").parent.mkdir()
+    (tmp_path / "earlier" / "recipe.json").write_text("{}")
+    assert demo.demo_out(tmp_path / "earlier") == (tmp_path / "earlier", True)
+    assert demo.demo_out(mine, overwrite=True) == (mine, False)
+
+
 def test_world_is_the_same_on_every_build_and_thread_count(tmp_path):
     """A reduced world built twice, under 1 and 2 threads: the same files, byte for byte."""
     import torch

@@ -46,7 +46,7 @@ def test_weight_zero_is_step_for_step_the_lora_arm(model_pairs, train_file, tmp_
     assert all(h["kl"] > 0 for h in half.summary["history"])
     assert half.summary["history"][-1]["loss"] != plain.summary["history"][-1]["loss"]
     assert half.summary["distill"]["teacher_parameters"] > 0
-    assert half.summary["distill_cost"]["teacher_seconds_per_step"] > 0
+    assert half.summary["timing"]["distill_cost"]["teacher_seconds_per_step"] > 0
 
 
 def test_the_student_as_its_own_teacher_has_no_kl_at_the_first_step(model_pairs, train_file,

@@ -225,7 +225,7 @@ def test_unknown_task_is_a_one_line_error():
      ":2: no number in the gold answer"),
     ("mmlu", [chat("Q?\nAnswer:", "B"), chat("Q?\nAnswer:", "B"), chat("Q?\nAnswer:", "maybe E")],
      ':3: the answer "maybe E" is not a letter A-D'),
-    ("super_ni", [chat("Do it.", "  ")], ":1: the reference answer is empty"),
+    ("super_ni", [chat("Do it.", "  ")], ":1: the final assistant turn is empty"),
     ("open", [{"instruction": "x", "output": "y"}, {"prompt": "no known fields"}],
      ":2: unknown record shape"),
     ("gsm", [{"question": "How many?"}], ":1: unknown record shape"),

@@ -132,8 +132,9 @@ def test_metrics_and_predictions_files(models, task_files, tmp_path):
     m = evaluate(models["trained"], "gsm", task_files["gsm"], out, shots=2, batch_size=2)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == m
-    for key in ("task", "metric", "value", "n", "metrics", "model", "adapter", "settings", "seconds"):
+    for key in ("task", "metric", "value", "n", "metrics", "model", "adapter", "settings", "timing"):
         assert key in m
+    assert m["timing"]["seconds"] > 0
     assert m["n"] == 4 and m["adapter"] is None and m["model"] == str(models["trained"])
     assert m["settings"]["shots"] == 2 and m["settings"]["max_new_tokens"] == 48
     row = predictions(out)[0]
@@ -192,11 +193,13 @@ def test_adapter_on_the_fly_equals_merged_model(student_and_adapter, task_files,
 
 def test_adapter_that_does_not_fit_is_a_one_line_error(student_and_adapter, models, task_files, tmp_path):
     _, run, _ = student_and_adapter
-    with pytest.raises(UserError, match="cannot apply the adapter") as e:
+    with pytest.raises(UserError, match=r"has shape \[32, 4\].* needs \[64, 4\]") as e:
         evaluate(models["trained"], "gsm", task_files["gsm"], tmp_path / "x", adapter=run)
     assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no adapter_config.json"):
-        evaluate(models["trained"], "gsm", task_files["gsm"], tmp_path / "x", adapter=tmp_path)
+        evaluate(models["trained"], "gsm", task_files["gsm"], tmp_path / "x",
+                 adapter=tmp_path / "empty")
 
 
 # --------------------------------------------------------------------------- the judge
@@ -283,3 +286,69 @@ def test_cli_bad_input_is_one_line_before_any_model_loads(capsys, task_files, tm
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert not out.exists()
 
+
+
+# --------------------------------------------------------------------------- what is evaluated
+
+
+def test_adapter_on_a_tied_student_is_what_merge_writes(model_pairs, adapters, task_files,
+                                                        tmp_path):
+    """GPT-2 ties its head to the embedding: the adapter's embedding LoRA must not change the
+    head. Evaluating with --adapter computes exactly what the merged folder computes."""
+    from paratransfer.evaluate.run import load_evaluated_model
+    from paratransfer.merge import run_merge
+    from paratransfer.models import load_model
+
+    student, adapter = model_pairs["gpt2"][1], adapters["gpt2"]
+    run_merge(str(student), adapter, tmp_path / "merged")
+    ids = torch.tensor([[5 + (3 * i) % 80 for i in range(24)]])
+    with torch.no_grad():
+        on_the_fly = load_evaluated_model(str(student), adapter, torch.float32, "cpu")(ids).logits
+        merged = load_model(str(tmp_path / "merged"))(ids).logits
+        plain = load_model(str(student))(ids).logits
+    assert (on_the_fly - merged).abs().max().item() <= 1e-6
+    assert (on_the_fly - plain).abs().max().item() > 1e-3  # the adapter is applied
+    a = evaluate(student, "mmlu", task_files["mmlu"], tmp_path / "a", adapter=adapter)
+    m = evaluate(tmp_path / "merged", "mmlu", task_files["mmlu"], tmp_path / "m")
+    assert a["metrics"] == m["metrics"]
+    for x, y in zip(predictions(tmp_path / "a"), predictions(tmp_path / "m"), strict=True):
+        assert x["choice_logprobs"] == pytest.approx(y["choice_logprobs"], abs=1e-5)
+
+
+def test_prompts_longer_than_the_context(model_pairs, tmp_path, monkeypatch):
+    """The rule: fewer worked examples first (the last ones dropped), then a refusal naming the
+    record, before the model is loaded; a 10 MB record no longer runs out of memory."""
+    import paratransfer.evaluate.run as run
+
+    student = model_pairs["llama"][1]  # context: 2048 tokens (one per character)
+    long = write_jsonl(tmp_path / "long.jsonl", [
+        chat("What is 2 plus 3?", "So the answer is 5."),
+        chat("What is " + "1 plus " * 200 + "1?", "So the answer is 201."),
+        chat("What is " + "1 plus " * 100 + "1?", "So the answer is 101.")])
+    m = evaluate(student, "gsm", long, tmp_path / "shots", shots=8, max_new_tokens=2)
+    rows = predictions(tmp_path / "shots")
+    assert rows[0]["shots"] == 8 and 0 < rows[2]["shots"] < 8 and rows[1]["shots"] < rows[2]["shots"]
+    assert m["shots_trimmed"] == 2
+    for row in rows:
+        assert len(row["prompt"]) + 2 + 2 <= 2048  # characters are tokens here (+ BOS)
+    loaded: list[str] = []
+    monkeypatch.setattr(run, "load_evaluated_model", lambda *a: loaded.append("model"))
+    huge = write_jsonl(tmp_path / "huge.jsonl", [chat("What is 2 plus 3?", "So the answer is 5."),
+                                                  chat("x" * 3000 + "?", "So the answer is 1.")])
+    with pytest.raises(UserError, match=r"huge.jsonl:2: the prompt is \d+ tokens; with 2 for the "
+                                        r"answer it exceeds the model's context of 2048 tokens"):
+        evaluate(student, "gsm", huge, tmp_path / "huge", max_new_tokens=2)
+    assert loaded == [] and not (tmp_path / "huge").exists()
+
+
+def test_a_model_that_is_not_causal_is_refused(tokenizer, task_files, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, pad_token_id=1))
+    folder = save_tiny(bert, tokenizer, tmp_path / "bert")
+    with pytest.raises(UserError, match="bert: not a causal LM"):
+        evaluate(folder, "gsm", task_files["gsm"], tmp_path / "out", max_new_tokens=2)
+    assert not (tmp_path / "out").exists()

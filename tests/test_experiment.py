@@ -215,3 +215,103 @@ def test_parallel_chains_compute_what_one_process_does(tiny_recipe, tmp_path):
                 torch.testing.assert_close(a[key], b[key], **tolerance(torch.float32))
     with pytest.raises(UserError, match="--jobs"):
         run_experiment(recipe, tmp_path / "three", progress=False, jobs=0)
+
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+
+@pytest.fixture(scope="module")
+def small_recipe(tiny_recipe, tmp_path_factory) -> Path:
+    """The tiny recipe with one seed and no reference rows: six steps."""
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    path = tmp_path_factory.mktemp("small") / "small.yaml"
+    path.write_text(yaml.safe_dump({**raw, "seeds": [1], "references": []}))
+    return path
+
+
+def _stop_at(n: int):
+    ran: list[str] = []
+
+    def hook(msg: str) -> None:
+        if msg.startswith("[run ]"):
+            ran.append(msg)
+            if len(ran) == n:
+                raise KeyboardInterrupt
+
+    return hook
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(small_recipe, tmp_path):
+    recipe, out = load_recipe(small_recipe), tmp_path / "run"
+    first = run_experiment(recipe, out, progress=False, log=lambda line: None)
+    finished = _snapshot(out)
+    with pytest.raises(KeyboardInterrupt):  # killed in its third step (training)
+        run_experiment(recipe, out, overwrite=True, progress=False, on_step=_stop_at(3),
+                       log=lambda line: None)
+    assert _snapshot(out) == finished
+    again = run_experiment(recipe, out, resume=True, progress=False, log=lambda line: None)
+    assert again["steps"]["reused"] == 2 and _values(again) == _values(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing beside it
+    records = [p.read_text() for p in out.rglob("*.json")]
+    assert records and not any(".replacing" in text for text in records)
+    train = json.loads((out / "arms" / "transfer" / "seed-1" / "train" / "train.json").read_text())
+    assert train["adapter"] == str(out / "arms" / "transfer" / "adapter")
+
+
+def test_bad_data_is_found_before_any_work(tiny_recipe, tmp_path):
+    """A bad line in the evaluation file fails before sensitivity, not after training."""
+    task = yaml.safe_load(tiny_recipe.read_text())["task"]
+    bad = tmp_path / "test.jsonl"
+    bad.write_text(Path(task["eval"]).read_text().replace("{", '{"messages": []}\n{', 1))
+    recipe = load_recipe(_write(tmp_path, tiny_recipe, task={**task, "eval": str(bad)}))
+    started: list[str] = []
+    with pytest.raises(UserError, match=r"test.jsonl:1: "):
+        run_experiment(recipe, tmp_path / "run", progress=False, on_step=started.append)
+    assert started == [] and not (tmp_path / "run").exists()
+    long = tmp_path / "long.jsonl"  # longer than the student's context of 2048 tokens
+    long.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Question: " + "x" * 2100 + "?"},
+        {"role": "assistant", "content": "So the answer is 1."}]}) + "\n")
+    recipe = load_recipe(_write(tmp_path, tiny_recipe, task={**task, "train": str(long)}))
+    with pytest.raises(UserError, match="long.jsonl: no example has an answer token"):
+        run_experiment(recipe, tmp_path / "run", progress=False, on_step=started.append)
+    recipe = load_recipe(_write(tmp_path, tiny_recipe, task={**task, "eval": str(long)}))
+    with pytest.raises(UserError, match=r"long.jsonl:1: the prompt is \d+ tokens"):
+        run_experiment(recipe, tmp_path / "run", progress=False, on_step=started.append)
+    assert started == [] and not (tmp_path / "run").exists()
+
+
+def test_recipe_paths_are_relative_to_the_recipe_file(model_pairs, tiny_recipe, tmp_path,
+                                                      monkeypatch):
+    import shutil
+
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    folder = tmp_path / "recipes"
+    shutil.copytree(model_pairs["llama"][0], folder / "pair" / "teacher")
+    shutil.copy(raw["task"]["train"], folder / "train.jsonl")
+    path = folder / "r.yaml"
+    path.write_text(yaml.safe_dump({**raw, "teacher": "pair/teacher", "rank": 4,
+                                    "task": {**raw["task"], "train": "train.jsonl"}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # wherever `run` starts, the recipe's folder decides
+    recipe = load_recipe(path)
+    assert recipe.teacher == str(folder / "pair" / "teacher")
+    assert recipe.task.train == folder / "train.jsonl"
+    # A folder that exists only relative to the working folder is not silently taken.
+    shutil.move(str(folder / "pair"), str(elsewhere / "pair"))
+    with pytest.raises(UserError, match=r"teacher: pair/teacher is a folder relative to the "
+                                        r"working folder, not to the recipe's folder"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({**raw, "teacher": "./pair/teacher"}))
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({**raw, "rank": 4.7}))
+    with pytest.raises(UserError, match=r"--rank: expected a whole number \(got 4.7\)"):
+        load_recipe(path)

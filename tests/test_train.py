@@ -209,7 +209,7 @@ def test_resume_gives_the_same_adapter(model_pairs, adapters, train_file, tmp_pa
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     whole = json.loads((tmp_path / "whole" / "train.json").read_text())
     resumed = json.loads((part / "train.json").read_text())
-    assert resumed["resumed_from"] == [2]
+    assert resumed["timing"]["resumed_from"] == [2]
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(
         [h["loss"] for h in whole["history"]], abs=1e-6)
 
@@ -346,3 +346,158 @@ def test_heldout_loss_is_recorded_at_the_requested_steps_and_falls(model_pairs, 
     with pytest.raises(Exception, match="--eval-data"):
         run_train(student, train_file, tmp_path / "c", settings, adapter_dir=adapters["llama"],
                   progress=False)
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(model_pairs, adapters,
+                                                                   train_file, tmp_path):
+    student, out = str(model_pairs["llama"][1]), tmp_path / "run"
+    settings = TrainSettings(**FAST, checkpoint_every=1)
+    run_train(student, train_file, out, settings, adapter_dir=adapters["llama"], progress=False)
+    finished = _files(out)
+    other = TrainSettings(**{**FAST, "lr": 5e-3}, checkpoint_every=1)
+    stopped = run_train(student, train_file, out, other, adapter_dir=adapters["llama"],
+                        overwrite=True, progress=False, stop_after=2)  # as if killed at step 2
+    assert not stopped.complete
+    assert _files(out) == finished  # the old run is whole
+    resumed = run_train(student, train_file, out, other, adapter_dir=adapters["llama"],
+                        resume=True, progress=False)
+    assert resumed.complete and resumed.summary["timing"]["resumed_from"] == [2]
+    info = json.loads((out / "train.json").read_text())
+    assert info["settings"]["lr"] == 5e-3 and info["steps_done"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing beside it
+
+
+def test_resume_skips_a_damaged_last_checkpoint(capsys, model_pairs, adapters, train_file,
+                                                tmp_path):
+    student = str(model_pairs["llama"][1])
+    settings = TrainSettings(**FAST, checkpoint_every=1)
+    whole = run_train(student, train_file, tmp_path / "whole", settings,
+                      adapter_dir=adapters["llama"], progress=False)
+    part = tmp_path / "part"
+    run_train(student, train_file, part, settings, adapter_dir=adapters["llama"],
+              progress=False, stop_after=3)
+    last = part / "checkpoints" / "step-000003" / "state.safetensors"
+    last.write_bytes(last.read_bytes()[:100])  # a truncated copy
+    code, _, err = run_cli(capsys, "train", "--student", student, "--data", train_file, "--out",
+                           part, "--adapter", adapters["llama"], "--lr", "1e-2", "--batch-size",
+                           "4", "--micro-batch-size", "2", "--max-length", "160", "--max-steps",
+                           "4", "--checkpoint-every", "1", "--resume", "--quiet")
+    assert code == 0, err
+    assert "step-000003 is damaged" in err
+    info = json.loads((part / "train.json").read_text())
+    assert info["timing"]["resumed_from"] == [2]
+    assert info["history"] == whole.summary["history"]
+    # Every checkpoint damaged: a one-line error, not a traceback.
+    for state in (part / "checkpoints").glob("step-*/state.json"):
+        state.write_text("{not json")
+    code, _, err = run_cli(capsys, "train", "--student", student, "--data", train_file, "--out",
+                           part, "--adapter", adapters["llama"], "--resume", "--quiet")
+    assert code == 2 and "no intact checkpoint" in one_line_error(err)
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(capsys, model_pairs, train_file,
+                                                             tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--student", model_pairs["llama"][1], "--data",
+                           train_file, "--out", out, "--init", "standard", "--lr", "1e30",
+                           "--batch-size", "4", "--micro-batch-size", "2", "--max-length", "160",
+                           "--max-steps", "4", "--checkpoint-every", "1", "--quiet")
+    # Step 1 has learning rate 0 (warmup), step 2 moves the weights by ~1e30, step 3's loss
+    # is NaN: it stops there, before anything of step 3 is saved.
+    msg = one_line_error(err)
+    assert code == 2 and "step 3:" in msg and "non-finite" in msg and "step-000002" in msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001",
+                                                                        "step-000002"]
+    assert not (out / "train.json").exists()
+    state = load_file(str(out / "checkpoints" / "step-000002" / "state.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+    for flag, value in (("--lr", "inf"), ("--alpha", "nan"), ("--dropout", "nan")):
+        code, _, err = run_cli(capsys, "train", "--student", model_pairs["llama"][1], "--data",
+                               train_file, "--out", tmp_path / "x", "--init", "standard", flag,
+                               value, "--quiet")
+        assert code == 2 and flag in one_line_error(err) and "finite" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapter_config_numbers_are_checked(capsys, model_pairs, adapters, train_file, tmp_path):
+    """A NaN alpha in an adapter (as `extract --alpha nan` used to write) is blamed on the
+    adapter's config, not on an --alpha flag that was never given; merge refuses it too."""
+    import shutil
+
+    bad = Path(shutil.copytree(adapters["llama"], tmp_path / "bad"))
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": float("nan")}))
+    student = model_pairs["llama"][1]
+    code, _, err = run_cli(capsys, "train", "--student", student, "--data", train_file, "--out",
+                           tmp_path / "run", "--adapter", bad, "--quiet")
+    msg = one_line_error(err)
+    assert code == 2 and "adapter_config.json: lora_alpha" in msg and "--alpha" not in msg
+    code, _, err = run_cli(capsys, "merge", "--student", student, "--adapter", bad, "--out",
+                           tmp_path / "merged")
+    assert code == 2 and "lora_alpha" in one_line_error(err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()
+
+
+def test_rank_and_negative_numbers_are_checked_like_extract(capsys, model_pairs, train_file,
+                                                            tmp_path):
+    student, out = model_pairs["llama"][1], tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--student", student, "--data", train_file, "--out",
+                           out, "--init", "standard", "--rank", "1000", "--quiet")
+    assert code == 2 and "--rank: 1000 is above the smaller side" in one_line_error(err)
+    code, _, err = run_cli(capsys, "train", "--student", student, "--data", train_file, "--out",
+                           out, "--init", "standard", "--lr", "-1e-3", "--quiet")
+    assert code == 2 and "--lr: must be positive (got -0.001)" in one_line_error(err)
+    assert not out.exists()
+
+
+def test_dropped_examples_are_said_and_empty_answers_refused(capsys, model_pairs, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        {"messages": [{"role": "user", "content": "x" * 150}, {"role": "assistant", "content": "long"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}])
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--student", model_pairs["llama"][1], "--data", data,
+                           "--out", out, "--init", "standard", "--max-length", "100",
+                           "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                           "--quiet")
+    assert code == 0, err
+    assert "1 of 3 examples dropped" in err and "--max-length 100" in err
+    assert json.loads((out / "train.json").read_text())["dropped_no_answer"] == 1
+    empty = write_jsonl(tmp_path / "empty.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n"}]}])
+    code, _, err = run_cli(capsys, "train", "--student", model_pairs["llama"][1], "--data", empty,
+                           "--out", tmp_path / "run2", "--init", "standard", "--quiet")
+    assert code == 2 and "empty.jsonl:2: the final assistant turn is empty" in one_line_error(err)
+
+
+def test_tied_head_keeps_its_weight_as_the_report_says(model_pairs, adapters, train_file,
+                                                       tmp_path):
+    """GPT-2's head is tied to its embedding: training adapts the input embedding only, the
+    merged model's head is the original one, and `skipped` says exactly that."""
+    from paratransfer.merge import merged_model
+
+    student = str(model_pairs["gpt2"][1])
+    out = tmp_path / "run"
+    run_train(student, train_file, out, TrainSettings(**FAST), adapter_dir=adapters["gpt2"],
+              progress=False)
+    standard = run_train(student, train_file, tmp_path / "standard",  # every role asked for
+                         TrainSettings(init="standard", **{**FAST, "max_steps": 1}),
+                         progress=False)
+    for report in (standard.summary, json.loads((adapters["gpt2"] / "transfer.json").read_text())):
+        reason = next(s["reason"] for s in report["skipped"] if s["role"] == "head")
+        assert "keeps its original weight" in reason and "covers both" not in reason
+    original = load_model(student)
+    merged, info = merged_model(student, out)
+    assert info["untied_head"]
+    assert torch.equal(merged.get_output_embeddings().weight, original.get_output_embeddings().weight)
+    assert not torch.equal(merged.get_input_embeddings().weight,
+                           original.get_input_embeddings().weight)

@@ -65,3 +65,17 @@ def write_adapter(student: torch.nn.Module, factors: Sequence[ModuleFactors], fo
     peft_model = get_peft_model(student, config)
     set_lora_factors(peft_model, factors, dtype)
     peft_model.save_pretrained(str(folder), save_embedding_layers=False)
+    canonical_adapter_config(folder)
+
+
+def canonical_adapter_config(folder: str | Path) -> None:
+    """Sort `target_modules` in the adapter_config.json PEFT wrote (from a Python set, in an
+    order that changes from one process to the next), so identical runs write identical bytes."""
+    import json
+
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")

@@ -30,3 +30,11 @@ def finite_number(flag: str, value: Any) -> float:
     if not math.isfinite(value):
         raise UserError(f"{flag}: must be a finite number (got {value})")
     return float(value)
+
+
+def rank_fits(rank: int, shape: tuple[int, ...], what: str) -> None:
+    """A LoRA rank no larger than the smaller side of the matrix it adapts (extraction cannot
+    factorize beyond it, and training would only waste parameters): refuse `--rank` above it."""
+    if rank > min(shape):
+        raise UserError(f"--rank: {rank} is above the smaller side ({min(shape)}) of the "
+                        f"{list(shape)} block for {what}")

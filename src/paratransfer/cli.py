@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from paratransfer import __version__, cli_data, cli_evaluate, cli_stability, cli_train
-from paratransfer.cli_options import add_common, add_extraction, add_seed_data
+from paratransfer.cli_options import Parser, add_common, add_extraction, add_seed_data
 from paratransfer.console import quiet_libraries
 from paratransfer.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="paratransfer",
         description="Parametric knowledge transfer from a teacher LLM to a student LLM.",
     )
@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("demo", help="the paper's experiment in miniature, offline on a CPU")
-    p.add_argument("--out", default="out/demo", help="folder for the demo's outputs (default: out/demo)")
+    p.add_argument("--out", default="out/demo",
+                   help="folder for the demo's outputs (default: out/demo); a demo run there "
+                        "is resumed, any other existing folder is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (once the new run is complete)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -159,7 +163,7 @@ def _cmd_run(args) -> int:
 def _cmd_demo(args) -> int:
     from paratransfer.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, overwrite=args.overwrite)
     return 0
 
 

@@ -10,7 +10,14 @@ def register(sub) -> None:
     from paratransfer.evaluate import TASKS
 
     tasks = "|".join(TASKS)
-    p = sub.add_parser("evaluate", help=f"score a model (optionally + a LoRA) on {tasks}")
+    p = sub.add_parser(
+        "evaluate", help=f"score a model (optionally + a LoRA) on {tasks}",
+        description="Prompt length: every prompt plus the room for its answer (--max-new-tokens, "
+                    "or the longest choice for mmlu) must fit the model's context. A few-shot "
+                    "prompt that does not fit gets fewer worked examples (the last ones dropped "
+                    "first; predictions.jsonl records how many); one that does not fit even "
+                    "without any is refused with its record's FILE:LINE, before the model is "
+                    "loaded.")
     p.add_argument("--model", required=True,
                    help="causal LM folder or hub id (merged model, plain student, teacher)")
     p.add_argument("--adapter", default=None,
@@ -20,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="results folder: metrics.json, predictions.jsonl")
     p.add_argument("--shots", type=int, default=0,
                    help="worked examples before each question (gsm: fixed set or --shots-data; "
-                        "mmlu: same subject from --shots-data)")
+                        "mmlu: same subject from --shots-data); fewer where the context is short")
     p.add_argument("--shots-data", default=None, help="records to take the worked examples from")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
@@ -53,5 +60,5 @@ def _cmd_evaluate(args) -> int:
                      dtype=dtype, device=device, overwrite=args.overwrite, progress=not args.quiet)
     others = ", ".join(f"{k} {v:.4f}" for k, v in m["metrics"].items() if k != m["metric"])
     print(f"wrote {args.out}: {m['task']} {m['metric']} {m['value']:.4f} on {m['n']} examples"
-          f"{f' ({others})' if others else ''}, {m['seconds']:.0f} s")
+          f"{f' ({others})' if others else ''}, {m['timing']['seconds']:.0f} s")
     return 0

@@ -4,6 +4,19 @@ module (it imports none of them)."""
 from __future__ import annotations
 
 import argparse
+import re
+
+#: What a negative number looks like as a flag's value: -3, -0.5, -.5, -1e-3, -inf.
+NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|inf)$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a negative number in any form is a value (`--lr -1e-3`; argparse
+    itself reads exponent forms as an unknown option), so the flag's own check answers it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

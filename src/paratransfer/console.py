@@ -37,3 +37,12 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial,
                 disable=None if enabled else True, leave=False, dynamic_ncols=True)
+
+
+def notice(message: str) -> None:
+    """One line on stderr about something the user should know but that is not an error
+    (records dropped, a damaged checkpoint skipped); printed by the writing process only."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr, flush=True)

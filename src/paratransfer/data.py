@@ -166,6 +166,9 @@ def example_from_record(record: Any, *, source: str, default_id: str) -> Example
         shape = detect_shape(record)
         messages = CONVERTERS[shape](record)
         _check_conversation(messages)
+        if not messages[-1]["content"].strip():
+            raise _BadRecord("the final assistant turn is empty (expected an answer to learn "
+                             "and score; an empty one would teach the end-of-answer token alone)")
         rid = record.get("id")
         if rid is None:
             rid = default_id

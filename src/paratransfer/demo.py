@@ -285,7 +285,27 @@ def demo_recipe(world: Path) -> Path:
     return path
 
 
-def run_demo(out: str | Path | None = None, cache: Path | None = None) -> dict:
+def demo_out(out: str | Path | None, overwrite: bool = False) -> tuple[Path, bool]:
+    """The demo's output folder and whether to resume a demo run there.
+
+    A folder holding anything but a demo run is never touched: the demo refuses it unless
+    `overwrite` (then it is replaced once the new run is complete).
+    """
+    from paratransfer.errors import UserError
+
+    out = Path(out) if out else Path("out") / "demo"
+    if overwrite:
+        return out, False
+    if (out / "recipe.json").is_file():
+        return out, True
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not a demo run (no recipe.json); give another "
+                        "--out, or pass --overwrite to replace it")
+    return out, False
+
+
+def run_demo(out: str | Path | None = None, cache: Path | None = None,
+             overwrite: bool = False) -> dict:
     """Build (or reuse) the world, run the recipe (resuming a previous demo run), print the table."""
     from paratransfer.experiment import run_experiment, summary_line
     from paratransfer.recipe import load_recipe
@@ -294,12 +314,11 @@ def run_demo(out: str | Path | None = None, cache: Path | None = None) -> dict:
     # Models this small gain nothing from a second thread, and on a busy machine two thrash.
     torch.set_num_threads(1)
     started = time.time()
+    out, resume = demo_out(out, overwrite)  # before any work
     world = ensure_world(cache)
     recipe = load_recipe(demo_recipe(world))
-    out = Path(out) if out else Path("out") / "demo"
-    resume = (out / "recipe.json").is_file()
-    result = run_experiment(recipe, out, resume=resume, overwrite=not resume and out.exists(),
-                            progress=True, jobs=DEMO_JOBS)
+    result = run_experiment(recipe, out, resume=resume,
+                            overwrite=overwrite and out.exists(), progress=True, jobs=DEMO_JOBS)
     print()
     print(to_markdown(result))
     print(summary_line(result, out) + f" (demo: {math.ceil(time.time() - started)} s in all)")

@@ -44,28 +44,46 @@ class Step:
     chain: tuple[str, int] | None = None  # (arm, seed) of a training chain; None: shared steps
 
 
-def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing RUN_DIR needs --resume (same recipe) or --overwrite."""
+def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    """Refuse to mix runs: an existing RUN_DIR needs --resume (same recipe) or --overwrite.
+
+    Returns the folder to work in: RUN_DIR itself, or for a run replacing an existing RUN_DIR
+    (`--overwrite`) a folder beside it (`outputs.replacing_dir`) that takes its place only once
+    the run is complete; `--resume` continues such a replacement.
+    """
     import shutil
 
-    record = out / "recipe.json"
-    if out.exists() and any(out.iterdir()):
+    from paratransfer.outputs import replacing_dir
+
+    staged = replacing_dir(out)
+    if resume and (staged / "recipe.json").is_file():
+        work = staged
+    elif out.exists() and any(out.iterdir()):
         if overwrite:
-            shutil.rmtree(out)
+            shutil.rmtree(staged, ignore_errors=True)  # an earlier replacement starts again
+            work = staged
         elif not resume:
             raise UserError(f"{out}: already exists (pass --resume to continue it, or "
                             "--overwrite to start again)")
-        elif not record.is_file():
-            raise UserError(f"{out}: not a paratransfer run folder (no recipe.json)")
         else:
-            old = json.loads(record.read_text())
-            if old != json.loads(json.dumps(recipe.to_dict())):
-                raise UserError(f"{out}: was run with another recipe (recipe.json differs); "
-                                "use a new --out or --overwrite")
-    elif resume and not out.exists():
+            work = out
+    elif resume:
         raise UserError(f"--resume: nothing to resume in {out}")
-    out.mkdir(parents=True, exist_ok=True)
+    else:
+        shutil.rmtree(staged, ignore_errors=True)  # abandoned: its RUN_DIR is gone
+        work = out
+    record = work / "recipe.json"
+    if resume and record.is_file():
+        from paratransfer.readers import read_json
+
+        if read_json(record, "a run's recipe") != json.loads(json.dumps(recipe.to_dict())):
+            raise UserError(f"{out}: was run with another recipe (recipe.json differs); "
+                            "use a new --out or --overwrite")
+    elif resume:
+        raise UserError(f"{out}: not a paratransfer run folder (no recipe.json)")
+    work.mkdir(parents=True, exist_ok=True)
     write_json(record, recipe.to_dict())
+    return work
 
 
 class Runner:
@@ -130,12 +148,12 @@ class Runner:
         return Step(label, folder / "transfer.json", work)
 
     def train_step(self, arm: str, seed: int, folder: Path, adapter: Path | None) -> Step:
-        from paratransfer.train import last_checkpoint, run_train
+        from paratransfer.train import resumable, run_train
 
         s = self.recipe.arm_settings(arm)
 
         def work() -> str:
-            resume = last_checkpoint(folder) is not None
+            resume = resumable(folder)
             result = run_train(self.recipe.student, self.recipe.task.train, folder,
                                TrainSettings.from_recipe(s, seed, self.recipe.teacher),
                                adapter_dir=adapter,
@@ -306,16 +324,43 @@ def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
     """`paratransfer run`: every step of the recipe (training chains `jobs` at a time in
     separate processes); returns results.json's content plus
     `steps` (how many ran now, how many were complete already, seconds) for the summary."""
+    from paratransfer.outputs import absolute, check_not_an_input, check_writable, output_lock
+
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (give one)")
-    out = Path(out)
-    prepare_out(out, recipe, resume, overwrite)
     if jobs < 1:
         raise UserError(f"--jobs: must be at least 1 (got {jobs})")
-    runner = Runner(recipe, out, progress, on_step, log)
-    result = runner.run(jobs)
+    from paratransfer.preflight import check_run_inputs
+
+    out = absolute(out)
+    check_not_an_input(out, recipe_inputs(recipe))
+    check_writable(out)
+    check_run_inputs(recipe)
+    with output_lock(out):
+        work = prepare_out(out, recipe, resume, overwrite)
+        runner = Runner(recipe, work, progress, on_step, log)
+        result = runner.run(jobs)
+        finish_out(work, out)
     return {**result, "steps": {"ran": len(runner.ran), "reused": len(runner.reused),
                                 "seconds": round(sum(s for _, s in runner.ran), 1)}}
+
+
+def recipe_inputs(recipe: Recipe) -> list[Any]:
+    """Every file or folder a run reads (models given as hub ids are not paths)."""
+    return [recipe.source, recipe.teacher, recipe.student, *vars(recipe.task).values(),
+            recipe.settings.get("shots_data"),
+            *(change.get("shots_data") for change in recipe.arms.values())]
+
+
+def finish_out(work: Path, out: Path) -> None:
+    """The complete run takes its place: temporaries of killed steps go, and a replacement
+    (worked on beside RUN_DIR) is renamed into place, its records naming RUN_DIR."""
+    from paratransfer.outputs import clean_stale, relocate_records, replace_with
+
+    clean_stale(work, recursive=True)
+    if work != out:
+        relocate_records(work, work, out)
+        replace_with(work, out)
 
 
 def summary_line(result: dict[str, Any], out: Path | str) -> str:

@@ -21,8 +21,9 @@ import torch
 
 from paratransfer import align, factorize
 from paratransfer.arch import ArchSpec, HeadLayout, ModuleSpec, arch_for, parse_roles
-from paratransfer.checks import finite_number, whole_number
+from paratransfer.checks import finite_number, rank_fits, whole_number
 from paratransfer.errors import UserError
+from paratransfer.inject import TIED_HEAD_REASON
 from paratransfer.vocab import VocabAlignment, align_vocabularies, identity_alignment
 from paratransfer.weights import TeacherWeights, as_teacher_weights
 
@@ -234,8 +235,7 @@ def _plan(t_arch: ArchSpec, s_arch: ArchSpec, student,
     specs, standard = [], []
     for spec in s_arch.modules_for(roles):
         if spec.roles == ("head",) and _tied_head(student):
-            skipped.append({"role": "head", "reason": "the student's lm_head is tied to its "
-                            "embedding; the embed adapter covers both"})
+            skipped.append({"role": "head", "reason": TIED_HEAD_REASON})
             continue
         wanted = [r for r in spec.roles if r in roles]
         found = [r for r in wanted if r in t_roles]
@@ -383,10 +383,7 @@ def extract(
                 })
                 entries.append(entry)
             block = s_arch.fuse(spec, s_config, parts)
-            if settings.rank > min(block.shape):
-                raise UserError(f"--rank: {settings.rank} is above the smaller side "
-                                f"({min(block.shape)}) of the {list(block.shape)} block for "
-                                f"{s_name}")
+            rank_fits(settings.rank, tuple(block.shape), s_name)
             fac = factorize.factorize(block, settings.rank, settings.svd, seed=settings.seed)
             for e in entries:
                 e["energy"] = fac.energy

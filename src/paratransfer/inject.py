@@ -17,18 +17,20 @@ adapter on the tied original changes the input embedding only, and so does the t
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from paratransfer.errors import UserError
 
 ADAPTER_NAME = "default"
+#: Why a tied student's head gets no LoRA (the `skipped` entry of transfer.json / train.json).
+TIED_HEAD_REASON = ("the student's lm_head is tied to its embedding: it gets no LoRA and keeps "
+                    "its original weight (untied before anything changes the embedding); only "
+                    "the input embedding is adapted")
 #: Folder (and temporary PEFT adapter) name of the initial factors; must differ from ADAPTER_NAME.
 INITIAL_NAME = "initial"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,30 +61,48 @@ class AdapterFiles:
 
 
 def read_adapter(folder: str | Path) -> AdapterFiles:
-    """Read `adapter_config.json` + `adapter_model.safetensors`; one-line errors when unusable."""
+    """Read `adapter_config.json` + `adapter_model.safetensors`; one-line errors when unusable
+    (a damaged file, or a rank, alpha or dropout that is not a usable number)."""
+    from paratransfer.readers import load_tensors, read_json
+
     folder = Path(folder)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for p in (config_path, weights_path):
         if not p.is_file():
             raise UserError(f"{folder}: no {p.name} (expected a PEFT LoRA adapter folder, "
                             "e.g. from `paratransfer extract`)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path}: not valid JSON ({e})") from None
-    if config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
+    config = read_json(config_path, "a PEFT adapter config")
+    if (not isinstance(config, dict) or config.get("peft_type") != "LORA" or "r" not in config
+            or "lora_alpha" not in config):
         raise UserError(f"{config_path}: not a LoRA adapter config (expected peft_type LORA with "
                         "r and lora_alpha)")
     for key in ("use_dora", "use_rslora"):
         if config.get(key):
             raise UserError(f"{config_path}: {key} is set; only plain LoRA adapters are supported")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights_path}: cannot read ({e})") from None
+    check_adapter_numbers(config, config_path)
+    tensors = load_tensors(weights_path)
     if not tensors:
         raise UserError(f"{weights_path}: holds no tensors")
+    bad = next((k for k, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise UserError(f"{weights_path}: tensor {bad} holds NaN or infinite values")
     return AdapterFiles(folder, config, tensors)
+
+
+def check_adapter_numbers(config: dict, where: Path) -> None:
+    """r a whole number of at least 1, lora_alpha finite and positive, lora_dropout in [0, 1)."""
+    from paratransfer.checks import finite_number, whole_number
+
+    try:
+        whole_number("r", config["r"], 1)
+        alpha = finite_number("lora_alpha", config["lora_alpha"])
+        dropout = finite_number("lora_dropout", config.get("lora_dropout", 0.0) or 0.0)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if alpha <= 0:
+        raise UserError(f"{where}: lora_alpha must be positive (got {alpha})")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"{where}: lora_dropout must be in [0, 1) (got {dropout})")
 
 
 def model_key(file_key: str, adapter_name: str = ADAPTER_NAME) -> str:
@@ -95,6 +115,12 @@ def model_key(file_key: str, adapter_name: str = ADAPTER_NAME) -> str:
             return f"{file_key}.{adapter_name}"
     raise UserError(f"adapter tensor {file_key!r} is not a LoRA factor (expected lora_A/lora_B or "
                     "lora_embedding_A/lora_embedding_B)")
+
+
+def saved_base_weight(file_key: str) -> bool:
+    """Whether an adapter tensor is a base layer's weight PEFT saved beside the factors
+    (`save_embedding_layers`), not a LoRA factor."""
+    return file_key.endswith(".base_layer.weight")
 
 
 def _module_of(param_name: str) -> str:
@@ -139,6 +165,8 @@ def check_adapter_shapes(model: torch.nn.Module, adapter: AdapterFiles) -> None:
     module_names = {n: i for i, (n, _) in enumerate(model.named_modules())}
     located = []
     for key, t in adapter.tensors.items():
+        if saved_base_weight(key):  # loaded by PEFT as it is (merge, evaluate)
+            continue
         module = _module_of(model_key(key))
         if module not in module_names:
             raise UserError(f"{adapter.folder}: adapter tensor {key} (shape {list(t.shape)}) names "
@@ -162,6 +190,11 @@ def adapter_factors(peft_model, adapter: AdapterFiles,
     no factors for is a one-line UserError.
     """
     check_adapter_shapes(peft_model.base_model.model, adapter)
+    base = next((k for k in adapter.tensors if saved_base_weight(k)), None)
+    if base is not None:
+        raise UserError(f"{adapter.folder}: the adapter also holds base weights ({base}); "
+                        "training starts from LoRA factors only (expected an adapter from "
+                        "`paratransfer extract`)")
     by_model = {model_key(k, adapter_name): t for k, t in adapter.tensors.items()}
     out = {}
     for name, p in lora_parameters(peft_model, adapter_name).items():

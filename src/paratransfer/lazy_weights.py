@@ -276,12 +276,8 @@ class SafetensorsWeights:
 
 
 def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets)."""
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < (1 << 30):
-                raise ValueError(f"header size {size}")
-            return json.loads(f.read(size))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a safetensors file ({e})") from e
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), once the file
+    is known to be whole."""
+    from paratransfer.readers import safetensors_header
+
+    return safetensors_header(path)

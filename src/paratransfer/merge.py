@@ -16,30 +16,31 @@ from pathlib import Path
 import torch
 
 from paratransfer.errors import UserError
-from paratransfer.outputs import atomic_dir, refuse_existing, write_json
+from paratransfer.outputs import atomic_dir, check_output_path, write_json
 
 
 def _load_raw_tokenizer(name_or_path: str):
     """The student's tokenizer exactly as stored (no pad token added), to ship with the model."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{name_or_path}: cannot load a tokenizer ({first})") from e
+    from paratransfer.models import load_tokenizer
+
+    load_tokenizer(name_or_path)  # one-line errors for a missing folder or tokenizer
+    return AutoTokenizer.from_pretrained(str(name_or_path))
 
 
 def _adapter_touches_shared_weight(student, adapter) -> bool:
     """Whether the adapter wraps the input embedding or the head of a tied student."""
-    from paratransfer.inject import _module_of, is_tied, model_key
+    from paratransfer.inject import _module_of, is_tied, model_key, saved_base_weight
 
     if not is_tied(student):
         return False
     names = {id(m): n for n, m in student.named_modules()}
     shared = {names.get(id(student.get_input_embeddings())),
               names.get(id(student.get_output_embeddings()))}
-    return any(_module_of(model_key(k)) in shared for k in adapter.tensors)
+    modules = {_module_of(k.removesuffix(".base_layer.weight")) if saved_base_weight(k)
+               else _module_of(model_key(k)) for k in adapter.tensors}
+    return bool(modules & shared)
 
 
 def merged_model(student_id: str, adapter_dir: str | Path, dtype: torch.dtype | None = None):
@@ -56,8 +57,11 @@ def merged_model(student_id: str, adapter_dir: str | Path, dtype: torch.dtype | 
     student = student.float()
     check_adapter_shapes(student, adapter)
     untied = untie_head(student) if _adapter_touches_shared_weight(student, adapter) else False
-    peft_model = PeftModel.from_pretrained(student, str(adapter_dir))
-    model = peft_model.merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(student, str(adapter_dir)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{adapter_dir}: cannot apply the adapter to {student_id} ({first})") from e
     out_dtype = dtype or stored
     model = model.to(out_dtype)
     model.config.dtype = out_dtype
@@ -71,7 +75,7 @@ def merged_model(student_id: str, adapter_dir: str | Path, dtype: torch.dtype | 
 def run_merge(student_id: str, adapter_dir: str | Path, out: str | Path,
               dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
     """`paratransfer merge`: write the merged model, its config and the student's tokenizer."""
-    refuse_existing(out, overwrite)
+    out = check_output_path(out, overwrite, [student_id, adapter_dir])
     tokenizer = _load_raw_tokenizer(student_id)
     model, info = merged_model(student_id, adapter_dir, dtype)
     with atomic_dir(out, overwrite) as tmp:

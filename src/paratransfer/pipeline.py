@@ -16,7 +16,7 @@ from paratransfer import __version__
 from paratransfer.arch import arch_for
 from paratransfer.errors import UserError
 from paratransfer.models import fingerprint, load_model, load_tokenizer, model_label
-from paratransfer.outputs import atomic_dir, atomic_file, refuse_existing, write_json
+from paratransfer.outputs import atomic_dir, atomic_file, check_output_path, write_json
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,24 @@ def _predicts(sample: dict) -> bool:
 
 
 def _sensitivity_metadata(teacher_id: str, teacher, seeds: str | Path,
-                          settings: SensitivitySettings, used: int, dtype: torch.dtype) -> dict:
+                          settings: SensitivitySettings, used: int, dtype: torch.dtype,
+                          records: int) -> dict:
     from paratransfer import data
+    from paratransfer.console import notice
 
     if used == 0:
         raise UserError(f"{seeds}: no sample has an answer token left after truncation to "
                         f"{settings.max_length} tokens")
+    if used < records:
+        notice(f"{seeds}: {records - used} of {records} seed samples skipped, no answer token "
+               f"left after truncation to --max-length {settings.max_length}")
     return {
         "teacher": model_label(teacher_id),
         "teacher_fingerprint": fingerprint(teacher),
         "seeds": str(Path(seeds).resolve()),
         "seeds_sha256": data.file_digest(seeds),
         "samples": used,
+        "skipped_no_answer": records - used,
         "prompt_format": settings.prompt_format,
         "max_length": settings.max_length,
         "dtype": str(dtype).removeprefix("torch."),
@@ -90,7 +96,7 @@ def sensitivity_of(teacher_id: str, teacher: torch.nn.Module, seeds: str | Path,
                                         total=len(mine))
     used = reduce_sensitivity(sens, dist, used)
     metadata = _sensitivity_metadata(teacher_id, teacher, seeds, settings, used,
-                                     next(teacher.parameters()).dtype)
+                                     next(teacher.parameters()).dtype, len(samples))
     return sens, metadata
 
 
@@ -109,7 +115,7 @@ def run_sensitivity(teacher_id: str, seeds: str | Path, out: str | Path,
     from paratransfer.distributed import start_distributed
     from paratransfer.sensitivity import save_sensitivity
 
-    refuse_existing(out, overwrite)
+    out = check_output_path(out, overwrite, [teacher_id, seeds])
     if stream and device_map is not None:
         raise UserError("--stream and --device-map: give one of them (streaming loads one layer "
                         "at a time; a device map keeps the whole teacher spread over devices)")
@@ -148,8 +154,10 @@ def _run_streamed(teacher_id: str, seeds: str | Path, out: str | Path,
 
     weights = SafetensorsWeights(teacher_id)
     arch_for(weights.config)
-    samples = [s for s in _seed_samples(teacher_id, seeds, settings) if _predicts(s)]
-    metadata = _sensitivity_metadata(teacher_id, weights, seeds, settings, len(samples), dtype)
+    every = _seed_samples(teacher_id, seeds, settings)
+    samples = [s for s in every if _predicts(s)]
+    metadata = _sensitivity_metadata(teacher_id, weights, seeds, settings, len(samples), dtype,
+                                     len(every))
     with contextlib.ExitStack() as stack:
         sink = None
         if dist.main:
@@ -217,7 +225,7 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
     from paratransfer.plots import plot_layer_scores
     from paratransfer.sensitivity import SensitivityFile
 
-    refuse_existing(out, overwrite)
+    out = check_output_path(out, overwrite, [teacher_id, student_id, seeds, sensitivity_path])
     if sensitivity_path is None and seeds is None:
         raise UserError("extract: give --seeds (to compute sensitivity) or --sensitivity FILE")
     started = time.time()
@@ -225,6 +233,12 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
     teacher_config = teacher.config
     student = load_model(student_id, dtype="auto", device="cpu")
     arch_for(student)
+    if fingerprint(teacher) == fingerprint(student):
+        from paratransfer.console import notice
+
+        notice(f"teacher {teacher_id} and student {student_id} are the same model: the "
+               f"adapter holds rank-{settings.rank} factors of the student's own weights, "
+               "nothing from another model")
     # Vocabulary coverage is checked before sensitivity, which may take long.
     teacher_tokenizer, student_tokenizer, vocab_note = _tokenizers_for(teacher_id, student_id,
                                                                        settings)
@@ -257,7 +271,7 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
         "modules": result.entries,
         "skipped": result.skipped,
         "padded": result.padded,
-        "seconds": round(time.time() - started, 3),
+        "timing": {"seconds": round(time.time() - started, 3)},  # apart: differs between runs
     }
     with atomic_dir(out, overwrite) as tmp:
         write_adapter(student, result.factors, tmp, settings.rank, settings.alpha,

@@ -90,12 +90,26 @@ def _norm(key: Any, where: str) -> str:
 
 
 def _model_ref(value: Any, where: str, base: Path) -> str:
+    """A model folder relative to the recipe's folder (or absolute, or under ~), else a hub id.
+
+    A value that is a folder only relative to the working folder is refused: recipe paths are
+    relative to the recipe file, wherever `run` is started from.
+    """
+    from paratransfer.models import looks_like_path
+
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{where}: expected a model folder or hub id")
-    local = (base / value) if not Path(value).is_absolute() else Path(value)
-    if value.startswith((".", "/", "~")) and not local.expanduser().exists():
-        raise UserError(f"{where}: {local} does not exist")
-    return str(local.expanduser()) if local.expanduser().exists() else value
+    given = Path(value).expanduser()
+    local = given if given.is_absolute() else base / given
+    if local.exists():
+        return str(local)
+    if looks_like_path(value):
+        raise UserError(f"{where}: {local} does not exist (paths are relative to the recipe file)")
+    if given.exists():
+        raise UserError(f"{where}: {value} is a folder relative to the working folder, not to the "
+                        f"recipe's folder {base} (paths in a recipe are relative to the recipe "
+                        "file: write it so, or give an absolute path)")
+    return value
 
 
 def _file(value: Any, where: str, base: Path) -> Path:
@@ -169,6 +183,10 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     if settings["shots_data"] is not None:
         settings["shots_data"] = str(_file(settings["shots_data"], f"{path}: shots_data", base))
     arms = _parse_arms(raw.get("arms"), path)
+    for arm, change in arms.items():
+        if change.get("shots_data") is not None:
+            change["shots_data"] = str(_file(change["shots_data"], f"{path}: arms.{arm}.shots_data",
+                                             base))
     references = raw.get("references", ["student", "teacher"])
     if not isinstance(references, list) or set(references) - {"student", "teacher"}:
         raise UserError(f"{path}: references: expected a list of student and/or teacher")

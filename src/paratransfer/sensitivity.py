@@ -253,9 +253,12 @@ class SensitivityFile(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: str | Path):
+        from paratransfer.readers import safetensors_header
+
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such sensitivity file")
+        safetensors_header(self.path)  # whole, not truncated
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 raw = f.metadata() or {}

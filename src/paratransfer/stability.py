@@ -304,12 +304,12 @@ def run_stability(teacher_id: str, student_id: str, seeds: str | Path, out: str 
     from paratransfer.console import progress as progress_bar
     from paratransfer.extract import extract, vocabulary_for
     from paratransfer.models import fingerprint, load_model, model_label
-    from paratransfer.outputs import atomic_dir, refuse_existing
+    from paratransfer.outputs import atomic_dir, check_output_path
     from paratransfer.pipeline import _tokenizers_for
     from paratransfer.stability_figures import choice_of, compare
     from paratransfer.stability_report import summarize, write_report
 
-    refuse_existing(out, overwrite)
+    out = check_output_path(out, overwrite, [teacher_id, student_id, seeds])
     check_extract_settings(extract_settings)
     started = time.time()
     samples = _pool_samples(teacher_id, seeds, sens_settings)

@@ -21,7 +21,7 @@ from paratransfer import __version__, data
 from paratransfer.errors import UserError
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
 from paratransfer.models import load_model, load_tokenizer, model_label
-from paratransfer.outputs import atomic_dir, refuse_existing, write_json
+from paratransfer.outputs import atomic_dir, check_output_path, write_json
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -156,28 +156,99 @@ def load_evaluated_model(model_id: str, adapter: str | Path | None, dtype: torch
                          device: torch.device | str):
     """The model, with a LoRA from `train` applied when given.
 
-    The adapter is loaded with `PeftModel.from_pretrained` and merged in memory: the same
-    weights `paratransfer merge` writes (so both give the same metrics), and no per-token cost
-    of separate LoRA matrices during generation.
+    With an adapter this is exactly the model `paratransfer merge` writes (`merge.merged_model`:
+    merged in fp32, a tied head untied first, then cast to `dtype`), so evaluating on the fly
+    and evaluating the merged folder give the same metrics, and generation pays nothing for
+    separate LoRA matrices. Models that are not causal (BERT) are refused.
     """
-    model = load_model(model_id, dtype=dtype, device=device)
-    if adapter is None:
-        return model
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: no adapter_config.json (expected a LoRA adapter folder, "
-                        "e.g. the run folder of `paratransfer train`)")
-    from peft import PeftModel
+    from paratransfer.merge import merged_model
+    from paratransfer.models import check_causal
 
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{adapter}: cannot apply the adapter to {model_id} ({first})") from e
+    if adapter is None:
+        model = load_model(model_id, dtype=dtype, device=device)
+    else:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter}: no adapter_config.json (expected a LoRA adapter folder, "
+                            "e.g. the run folder of `paratransfer train`)")
+        model, _ = merged_model(model_id, adapter, dtype)
+        model.to(device)
+    check_causal(model, model_id)
     model.eval()
     return model
 
 
 # --------------------------------------------------------------------------- the work
+
+
+def context_length(model_id: str, tokenizer) -> int | None:
+    """The most tokens the model reads: its config's max_position_embeddings (n_positions),
+    else the tokenizer's model_max_length when that states a real limit; None if neither."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_id))
+    except (OSError, ValueError, KeyError):
+        config = None  # loading the model reports what is wrong
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else None
+
+
+def answer_room(task: Task, item: Item, tokenizer, settings: EvalSettings) -> int:
+    """Tokens the answer needs after the prompt: the generation budget, or the longest choice."""
+    if task.generates:
+        return max_new_tokens(task, settings)
+    return max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in item.choices)
+
+
+def fit_to_context(task: Task, plain: list[Item], items: list[Item], settings: EvalSettings,
+                   shots_data: str | Path | None, tokenizer, context: int | None,
+                   say: bool = True) -> tuple[list[Item], list[str], list[int]]:
+    """The items, their prompts and each one's number of worked examples, by the stated rule.
+
+    A prompt and its answer must fit the model's context: prompt tokens + the answer's room
+    (`answer_room`) <= `context`. A few-shot prompt that does not fit gets fewer worked
+    examples, the last ones dropped first; a prompt that does not fit even without any is
+    refused with its record's FILE:LINE, before the model is loaded. No context known: no limit.
+    """
+    from paratransfer.evaluate.generation import encode
+
+    pool = shot_pool(task, shots_data) if settings.shots else None
+    fitted, prompts, used = [], [], []
+    for bare, item in zip(plain, items, strict=True):
+        k = settings.shots
+        while True:
+            prompt = prompts_for([item], tokenizer, settings.prompt_format)[0]
+            if context is None:
+                break
+            n, room = len(encode(tokenizer, [prompt])[0]), answer_room(task, item, tokenizer, settings)
+            if n + room <= context:
+                break
+            if k == 0:
+                lower = ", or lower --max-new-tokens" if task.generates else ""
+                raise UserError(f"{bare.source}: the prompt is {n} tokens; with {room} for the "
+                                f"answer it exceeds the model's context of {context} tokens "
+                                f"(shorten the record{lower})")
+            k -= 1
+            try:
+                item = task.add_shots(bare, pool, k) if k else bare
+            except BadExample as e:
+                raise UserError(f"{bare.source}: {e}") from None
+        fitted.append(item)
+        prompts.append(prompt)
+        used.append(k)
+    trimmed = sum(k < settings.shots for k in used)
+    if trimmed and say:
+        from paratransfer.console import notice
+
+        notice(f"{trimmed} of {len(used)} prompts got fewer than --shots {settings.shots} worked "
+               f"examples to fit the model's context of {context} tokens (predictions.jsonl: shots)")
+    return fitted, prompts, used
+
 
 
 def prompts_for(items: list[Item], tokenizer, prompt_format: str) -> list[str]:
@@ -255,7 +326,10 @@ def judge_rows(task: Task, judge: str, items: list[Item], outputs: list[str],
                reference_outputs: list[str], settings: EvalSettings, dtype: torch.dtype,
                device: torch.device | str, progress: bool) -> list[dict[str, Any]]:
     """The judge's verdicts per item (see the task's `compare`)."""
+    from paratransfer.models import check_causal
+
     judge_model = load_model(judge, dtype=dtype, device=device)
+    check_causal(judge_model, judge)
     judge_tokenizer = load_tokenizer(judge)
     return task.compare(judge_model, judge_tokenizer, items, outputs, reference_outputs,
                         prompt_format=settings.judge_prompt_format,
@@ -270,26 +344,30 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
     """`paratransfer evaluate`: write RESULTS_DIR/metrics.json + predictions.jsonl; returns the metrics."""
     started = time.time()
     task = get_task(settings.task)
-    refuse_existing(out, overwrite)
+    out = check_output_path(out, overwrite, [model_id, adapter, data_path, shots_data, judge,
+                                             reference])
     if (judge is None) != (reference is None):
         raise UserError("--judge and --reference go together (the judge compares this run's "
                         "outputs with the reference run's)")
     if judge is not None and task.compare is None:
         raise UserError(f"task {task.name}: no pairwise judging (expected --task open)")
-    items = apply_shots(task, load_items(task, data_path, settings.limit), settings.shots,
-                        shots_data)
+    plain = load_items(task, data_path, settings.limit)
+    items = apply_shots(task, plain, settings.shots, shots_data)
     reference_outputs = None
     if reference is not None:
         check_unique_ids(items)
         reference_outputs = read_reference(reference, task, items)
 
     tokenizer = load_tokenizer(model_id)
+    items, prompts, shots_used = fit_to_context(task, plain, items, settings, shots_data,
+                                                tokenizer, context_length(model_id, tokenizer))
     model = load_evaluated_model(model_id, adapter, dtype, device)
-    prompts = prompts_for(items, tokenizer, settings.prompt_format)
     outputs, extras = answer(task, model, tokenizer, items, prompts, settings, progress)
     del model
     gc.collect()
     rows = score_rows(task, items, prompts, outputs, extras)
+    if settings.shots:
+        rows = [{**row, "shots": k} for row, k in zip(rows, shots_used, strict=True)]
     if judge is not None:
         verdicts = judge_rows(task, judge, items, outputs, reference_outputs, settings, dtype,
                               device, progress)
@@ -298,6 +376,7 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
     metrics = {
         "task": task.name,
         **summarize(task, rows, judged=judge is not None),
+        **({"shots_trimmed": sum(k < settings.shots for k in shots_used)} if settings.shots else {}),
         "model": model_label(model_id),
         "adapter": model_label(str(adapter)) if adapter is not None else None,
         "data": str(Path(data_path).resolve()),
@@ -307,8 +386,8 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
                      "judge": model_label(judge) if judge is not None else None,
                      "reference": str(predictions_path(reference)) if reference else None,
                      "dtype": str(dtype).removeprefix("torch."), "device": str(device)},
-        "seconds": round(time.time() - started, 3),
         "paratransfer_version": __version__,
+        "timing": {"seconds": round(time.time() - started, 3)},  # apart: differs between runs
     }
     with atomic_dir(out, overwrite) as tmp:
         write_json(tmp / METRICS_FILE, metrics)

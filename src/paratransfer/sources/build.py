@@ -23,7 +23,7 @@ from typing import Any
 
 from paratransfer.data import example_from_record, file_digest
 from paratransfer.errors import UserError
-from paratransfer.outputs import atomic_dir, refuse_existing, write_json
+from paratransfer.outputs import atomic_dir, check_output_path, write_json
 from paratransfer.sources.formats import BadRow, TaskFormat, get_format, parse_columns
 from paratransfer.sources.loading import Source, load_source, pick_split
 
@@ -188,7 +188,7 @@ def build_data(settings: DataSettings, out: str | Path, *, overwrite: bool = Fal
     fmt = get_format(settings.task)
     settings.check()
     columns = parse_columns(fmt, settings.columns)
-    out = refuse_existing(out, overwrite)
+    out = check_output_path(out, overwrite, [settings.source, cache_dir])
     config = settings.config
     if config is None and settings.source == fmt.hub_id:
         config = fmt.hub_config

@@ -50,6 +50,7 @@ from paratransfer.train.setup import (
     init_lora,
     lora_targets,
     resolve_settings,
+    resumable,
     setup,
 )
 from paratransfer.train.state import Run
@@ -59,7 +60,7 @@ __all__ = [
     "TrainSettings", "adapter_roles", "answer_loss_sum", "batch_digest", "batch_indices",
     "build_lora_model", "check_output", "collate", "epoch_order", "init_lora", "last_checkpoint",
     "learning_rate", "load_examples", "lora_targets", "micro_batches", "plot_loss",
-    "resolve_settings", "restore_checkpoint", "run_train", "save_checkpoint", "save_outputs",
-    "setup", "start_distributed", "steps_per_epoch", "sum_across_processes", "summary", "train",
-    "train_step",
+    "resolve_settings", "restore_checkpoint", "resumable", "run_train", "save_checkpoint",
+    "save_outputs", "setup", "start_distributed", "steps_per_epoch", "sum_across_processes",
+    "summary", "train", "train_step",
 ]

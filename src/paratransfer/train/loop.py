@@ -72,6 +72,7 @@ def train_step(run: Run, step: int, scaler) -> dict:
             p.grad = torch.zeros_like(p)
     counts = torch.tensor([float(tokens)], device=run.device)
     sum_across_processes([p.grad for p in params] + [loss_sum, counts, *part_sums.values()], dist)
+    check_finite(run, step, "loss", float(loss_sum) / answer_total)
     scaler.unscale_(run.optimizer)
     if s.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -81,6 +82,7 @@ def train_step(run: Run, step: int, scaler) -> dict:
     scaler.step(run.optimizer)
     scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    check_finite(run, step, "LoRA weights after the update", params)
     per_epoch = steps_per_epoch(len(run.examples), s.batch_size)
     entry = {"step": step + 1, "epoch": step // per_epoch, "loss": float(loss_sum) / answer_total,
              **{name: float(v) / answer_total for name, v in part_sums.items()},
@@ -89,6 +91,27 @@ def train_step(run: Run, step: int, scaler) -> dict:
     if hasattr(run.objective, "seconds"):  # the distillation teacher's forward passes
         entry["teacher_seconds"] = round(run.objective.seconds - teacher_seconds, 6)
     return entry
+
+
+def check_finite(run: Run, step: int, what: str, value: float | list[torch.Tensor]) -> None:
+    """Stop the run with a one-line error at the first non-finite loss or weight: nothing of
+    this step is saved, the last checkpoint stays the last good state."""
+    import math
+
+    from paratransfer.errors import UserError
+    from paratransfer.train.checkpoints import last_checkpoint
+
+    if isinstance(value, float):
+        bad = not math.isfinite(value)
+    else:
+        bad = not all(bool(torch.isfinite(p).all()) for p in value)
+    if bad:
+        last = last_checkpoint(run.out)
+        kept = (f"the last good checkpoint, {last.name}, is kept" if last is not None
+                else "no checkpoint was written yet")
+        raise UserError(f"step {step + 1}: the {what} became non-finite"
+                        f"{f' ({value})' if isinstance(value, float) else ''}; training stopped "
+                        f"and {kept} (lower --lr, or check the data)")
 
 
 def train(run: Run, progress: bool, stop_after: int | None) -> bool:
@@ -107,8 +130,11 @@ def train(run: Run, progress: bool, stop_after: int | None) -> bool:
     for step in range(run.start_step, end):
         started = time.perf_counter()
         entry = train_step(run, step, scaler)
-        entry["seconds"] = round(time.perf_counter() - started, 6)
-        run.seconds += entry["seconds"]
+        seconds = round(time.perf_counter() - started, 6)
+        run.seconds += seconds
+        run.step_seconds.append(seconds)
+        if "teacher_seconds" in entry:  # wall-clock time: with the run's timing, not its history
+            run.teacher_seconds.append(entry.pop("teacher_seconds"))
         run.history.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")

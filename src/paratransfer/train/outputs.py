@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from paratransfer.outputs import atomic_dir, write_json
+from paratransfer.outputs import atomic_dir, follow_umask, scratch_dir, write_json
 from paratransfer.train.checkpoints import CHECKPOINTS
 from paratransfer.train.inits import INITS
 from paratransfer.train.state import Run
@@ -17,30 +16,18 @@ TRAIN_JSON = "train.json"
 
 
 def summary(run: Run, complete: bool) -> dict:
-    """train.json: settings, seed, steps, loss curve, throughput."""
-    tokens = sum(h["tokens"] for h in run.history)
+    """train.json: settings, seed, steps, loss curve; wall-clock times under `timing`, apart,
+    so that two identical runs differ in nothing else."""
     return {
         **run.meta,
         "complete": complete,
         "steps_done": len(run.history),
         "final_loss": run.history[-1]["loss"] if run.history else None,
-        "train_seconds": round(run.seconds, 3),
-        "tokens_per_second": tokens / run.seconds if run.seconds > 0 else None,
         "adapter_rank": run.settings.rank * (2 if INITS[run.settings.init].residual else 1),
         "history": run.history,
         "heldout_history": run.heldout_history,
-        **_distill_cost(run),
+        "timing": run.timing(),
     }
-
-
-def _distill_cost(run: Run) -> dict:
-    """For a distillation run: the teacher's forward time per step and its share of the step."""
-    teacher = [h["teacher_seconds"] for h in run.history if "teacher_seconds" in h]
-    if not teacher:
-        return {}
-    steps = sum(h["seconds"] for h in run.history if "teacher_seconds" in h)
-    return {"distill_cost": {"teacher_seconds_per_step": sum(teacher) / len(teacher),
-                             "share_of_step_time": sum(teacher) / steps if steps else None}}
 
 
 def plot_loss(history: list[dict], path: Path, title: str) -> None:
@@ -66,18 +53,21 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
 
 def save_outputs(run: Run, info: dict) -> None:
     """Write the plain LoRA adapter, train.json and loss.png into RUN_DIR (rank 0, atomically)."""
+    from paratransfer.adapter import canonical_adapter_config
     from paratransfer.inject import INITIAL_NAME, save_plain_lora
 
-    tmp = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=run.out))
+    tmp = scratch_dir(run.out, "final")
     try:
         initial = None
         if INITS[run.settings.init].residual:
             initial = tmp / INITIAL_NAME  # PEFT rewrites the config of this folder: use a copy
             shutil.copytree(run.out / INITIAL_NAME, initial)
         save_plain_lora(run.model, tmp / "adapter", initial)
+        canonical_adapter_config(tmp / "adapter")
         write_json(tmp / "adapter" / TRAIN_JSON, info)
         plot_loss(run.history, tmp / "adapter" / "loss.png",
                   f"{run.settings.init} init: loss per step ({len(run.history)} steps)")
+        follow_umask(tmp / "adapter")
         names = sorted(p.name for p in (tmp / "adapter").iterdir())
         for name in [n for n in names if n != TRAIN_JSON] + [TRAIN_JSON]:  # train.json last
             os.replace(tmp / "adapter" / name, run.out / name)
@@ -85,13 +75,19 @@ def save_outputs(run: Run, info: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_output(run: Run, overwrite: bool) -> None:
-    """Create RUN_DIR for a fresh run (replacing an old one with --overwrite); rank 0 only."""
+def prepare_output(run: Run) -> None:
+    """Create the folder a fresh run works in, with the adapter as initialized; rank 0 only.
+
+    What an earlier, abandoned attempt left there (an interrupted `--overwrite` that was not
+    resumed) goes first.
+    """
+    from paratransfer.adapter import canonical_adapter_config
     from paratransfer.inject import INITIAL_NAME
 
-    if run.out.exists() and overwrite:
+    if run.out.exists():
         shutil.rmtree(run.out)
     run.out.mkdir(parents=True)
     (run.out / CHECKPOINTS).mkdir()
     with atomic_dir(run.out / INITIAL_NAME) as tmp:
         run.model.save_pretrained(str(tmp), save_embedding_layers=False)
+        canonical_adapter_config(tmp)

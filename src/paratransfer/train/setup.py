@@ -51,16 +51,15 @@ def adapter_roles(adapter, arch) -> tuple[str, ...]:
 
 
 def lora_targets(student, roles: tuple[str, ...]) -> tuple[list, list[dict]]:
-    """The module specs to wrap, and what was skipped (a tied head: the embedding covers it)."""
+    """The module specs to wrap, and what was skipped (a tied head keeps its own weight)."""
     from paratransfer.arch import arch_for
-    from paratransfer.inject import is_tied
+    from paratransfer.inject import TIED_HEAD_REASON, is_tied
 
     arch = arch_for(student)
     specs, skipped = [], []
     for spec in arch.modules_for(roles):
         if spec.roles == ("head",) and is_tied(student):
-            skipped.append({"role": "head", "reason": "the student's lm_head is tied to its "
-                            "embedding; the embed adapter covers both"})
+            skipped.append({"role": "head", "reason": TIED_HEAD_REASON})
             continue
         specs.append(spec)
     for role in sorted(set(roles) - arch.roles()):
@@ -68,6 +67,19 @@ def lora_targets(student, roles: tuple[str, ...]) -> tuple[list, list[dict]]:
     if not specs:
         raise UserError(f"--modules: none of {', '.join(roles)} can be trained on this student")
     return specs, skipped
+
+
+def check_rank(student, specs: list, rank: int) -> None:
+    """The rank fits every matrix LoRA will adapt, as extraction requires (`checks.rank_fits`)."""
+    from paratransfer.arch import arch_for
+    from paratransfer.checks import rank_fits
+
+    arch = arch_for(student)
+    params = dict(student.named_parameters(remove_duplicate=False))
+    for spec in specs:
+        for layer in (range(arch.num_layers(student)) if spec.in_layer else [None]):
+            name = spec.param_name(arch.layers, layer)
+            rank_fits(rank, tuple(spec.to_linear(params[name]).shape), name)
 
 
 def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str):
@@ -92,20 +104,45 @@ def init_lora(peft_model, settings: TrainSettings, adapter) -> dict | None:
     return init.apply(peft_model, adapter, settings.seed) if init.apply is not None else None
 
 
-def check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse what cannot be done before any work; returns the checkpoint to resume from."""
+def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """Refuse what cannot be done before any work; returns the folder to work in and the
+    checkpoint to resume from (None: a fresh run).
+
+    A fresh run works in `out` itself. One that replaces an existing output (`--overwrite`)
+    works in `replacing_dir(out)` and is renamed into place only when complete, so the old
+    output stays whole until then. `--resume` continues the replacement if there is one, else
+    the run in `out`, from its newest intact checkpoint.
+    """
+    from paratransfer.console import notice
+    from paratransfer.outputs import replacing_dir
+
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (give one)")
     if resume:
-        last = last_checkpoint(out)
-        if last is None:
-            raise UserError(f"--resume: nothing to resume in {out} (no checkpoint in "
-                            f"{out / CHECKPOINTS})")
-        return last
+        for folder in (replacing_dir(out), out):
+            if (folder / CHECKPOINTS).is_dir():
+                last = last_checkpoint(folder, say=notice)
+                if last is None:
+                    raise UserError(f"--resume: no intact checkpoint in {folder / CHECKPOINTS} "
+                                    "(start again with --overwrite)")
+                return folder, last
+        raise UserError(f"--resume: nothing to resume in {out} (no checkpoint in "
+                        f"{out / CHECKPOINTS})")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (pass --resume to continue that run, or "
                         "--overwrite to replace it)")
-    return None
+    return (replacing_dir(out) if out.exists() else out), None
+
+
+def resumable(out: Path) -> bool:
+    """Whether `--resume` would find an intact checkpoint for `out` (in a replacement under
+    way, or in `out` itself)."""
+    from paratransfer.outputs import replacing_dir
+
+    for folder in (replacing_dir(out), out):
+        if (folder / CHECKPOINTS).is_dir():
+            return last_checkpoint(folder) is not None
+    return False
 
 
 def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSettings,
@@ -124,6 +161,12 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     tokenizer = load_tokenizer(student_id)
     examples, dropped = load_examples(data_path, tokenizer, settings.prompt_format,
                                       settings.max_length)
+    if dropped and dist.main:
+        from paratransfer.console import notice
+
+        notice(f"{data_path}: {dropped} of {dropped + len(examples)} examples dropped, no answer "
+               f"token left after truncation to --max-length {settings.max_length} "
+               "(train.json: dropped_no_answer)")
     heldout: list = []
     if eval_data is not None:
         heldout, _ = load_examples(eval_data, tokenizer, settings.prompt_format, settings.max_length)
@@ -134,6 +177,7 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         check_adapter_shapes(student, adapter)
     settings = resolve_settings(settings, adapter, arch_for(student))
     specs, skipped = lora_targets(student, settings.modules)
+    check_rank(student, specs, settings.rank)
     model = build_lora_model(student, specs, settings, student_id)
     injection = init_lora(model, settings, adapter)
     trainable = [p for p in model.parameters() if p.requires_grad]
