@@ -96,3 +96,15 @@ def test_world_is_the_same_on_every_build_and_thread_count(tmp_path):
     assert a == {k: v for k, v in
                  json.loads((tmp_path / "a" / "world.json").read_text())["checksums"].items()}
     assert torch.get_num_threads() == before
+
+
+def test_distill_demo_recipe_validates(tmp_path):
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+    for name in ("seeds", "train", "test", "heldout"):
+        write_jsonl(tmp_path / f"{name}.jsonl", arithmetic_records(3))
+    recipe = load_recipe(demo_recipe(tmp_path, distill=True))
+    assert set(recipe.arms) == {"transfer", "lora", "distill"}
+    assert recipe.arms["distill"] == {"init": "standard", "distill": True}
+    assert (tmp_path / "demo-distill.yaml").read_text().startswith(
+        f"# paratransfer run {tmp_path / 'demo-distill.yaml'} --out out/demo-distill")

@@ -73,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("demo", help="the paper's experiment in miniature, offline on a CPU")
-    p.add_argument("--out", default="out/demo",
+    p.add_argument("--out", default=None,
                    help="folder for the demo's outputs (default: out/demo); a demo run there "
                         "is resumed, any other existing folder is refused")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (once the new run is complete)")
+    p.add_argument("--distill", action="store_true",
+                   help="run the arms transfer, lora and distill (logit distillation from the "
+                        "teacher, same budget) instead of the controls; default --out "
+                        "out/demo-distill")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -163,7 +167,7 @@ def _cmd_run(args) -> int:
 def _cmd_demo(args) -> int:
     from paratransfer.demo import run_demo
 
-    run_demo(args.out, overwrite=args.overwrite)
+    run_demo(args.out, overwrite=args.overwrite, distill=args.distill)
     return 0
 
 

@@ -72,6 +72,12 @@ DEMO_RECIPE = {
 }
 #: Training chains run at once (one per core of the 2-core machines the demo is sized for).
 DEMO_JOBS = 2
+#: `paratransfer demo --distill`: the distillation arm beside transfer and lora, same budget.
+#: Not in the default demo: a distill step costs about two plain ones here, and the four-arm
+#: demo already fills most of its 15-minute budget on a 2-core machine.
+DISTILL_RECIPE = {**DEMO_RECIPE, "name": "demo-distill",
+                  "arms": {"transfer": {}, "lora": {"init": "standard"},
+                           "distill": {"init": "standard", "distill": True}}}
 
 
 # --------------------------------------------------------------------------- the task family
@@ -269,23 +275,25 @@ def ensure_world(cache: Path | None = None, spec: WorldSpec = WORLD) -> Path:
     return root
 
 
-def demo_recipe(world: Path) -> Path:
+def demo_recipe(world: Path, distill: bool = False) -> Path:
     """Write the demo's recipe file beside the world (so users can read and rerun it)."""
     import yaml
 
-    recipe = {**DEMO_RECIPE, "teacher": str(world / "teacher"), "student": str(world / "student"),
+    base, name = (DISTILL_RECIPE, "demo-distill") if distill else (DEMO_RECIPE, "demo")
+    recipe = {**base, "teacher": str(world / "teacher"), "student": str(world / "student"),
               "task": {"type": "gsm", "seeds": str(world / "seeds.jsonl"),
                        "train": str(world / "train.jsonl"), "eval": str(world / "test.jsonl"),
                        "heldout": str(world / "heldout.jsonl")}}
-    path = world / "demo.yaml"
-    text = ("# paratransfer run " + str(path) + f" --out out/demo --jobs {DEMO_JOBS}\n"
+    path = world / f"{name}.yaml"
+    text = (f"# paratransfer run {path} --out out/{name} --jobs {DEMO_JOBS}\n"
             + yaml.safe_dump(recipe, sort_keys=False))
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
     return path
 
 
-def demo_out(out: str | Path | None, overwrite: bool = False) -> tuple[Path, bool]:
+def demo_out(out: str | Path | None, overwrite: bool = False,
+             default: str = "demo") -> tuple[Path, bool]:
     """The demo's output folder and whether to resume a demo run there.
 
     A folder holding anything but a demo run is never touched: the demo refuses it unless
@@ -293,7 +301,7 @@ def demo_out(out: str | Path | None, overwrite: bool = False) -> tuple[Path, boo
     """
     from paratransfer.errors import UserError
 
-    out = Path(out) if out else Path("out") / "demo"
+    out = Path(out) if out else Path("out") / default
     if overwrite:
         return out, False
     if (out / "recipe.json").is_file():
@@ -305,8 +313,10 @@ def demo_out(out: str | Path | None, overwrite: bool = False) -> tuple[Path, boo
 
 
 def run_demo(out: str | Path | None = None, cache: Path | None = None,
-             overwrite: bool = False) -> dict:
-    """Build (or reuse) the world, run the recipe (resuming a previous demo run), print the table."""
+             overwrite: bool = False, distill: bool = False) -> dict:
+    """Build (or reuse) the world, run the recipe (resuming a previous demo run), print the table.
+
+    `distill`: the distillation recipe (transfer, lora, distill) instead of the controls'."""
     from paratransfer.experiment import run_experiment, summary_line
     from paratransfer.recipe import load_recipe
     from paratransfer.results import to_markdown
@@ -314,9 +324,9 @@ def run_demo(out: str | Path | None = None, cache: Path | None = None,
     # Models this small gain nothing from a second thread, and on a busy machine two thrash.
     torch.set_num_threads(1)
     started = time.time()
-    out, resume = demo_out(out, overwrite)  # before any work
+    out, resume = demo_out(out, overwrite, "demo-distill" if distill else "demo")  # before work
     world = ensure_world(cache)
-    recipe = load_recipe(demo_recipe(world))
+    recipe = load_recipe(demo_recipe(world, distill))
     result = run_experiment(recipe, out, resume=resume,
                             overwrite=overwrite and out.exists(), progress=True, jobs=DEMO_JOBS)
     print()
