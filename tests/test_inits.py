@@ -24,6 +24,7 @@ from paratransfer.train import (
     run_train,
 )
 from paratransfer.train.inits import spectrum_factors
+from tolerances import logits
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 FAST = dict(lr=1e-2, batch_size=4, micro_batch_size=2, max_length=160, max_steps=3, dropout=0.0)
@@ -39,12 +40,6 @@ def prompts(train_file, tokenizer) -> torch.Tensor:
     rows = [t["input_ids"][:60] for t in load_tokenized(train_file, tokenizer, limit=3)]
     width = min(len(r) for r in rows)
     return torch.tensor([r[:width] for r in rows])
-
-
-@torch.no_grad()
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits.float()
 
 
 def initialized(student_dir, adapter_dir, init: str, seed: int = 1):

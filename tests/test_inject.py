@@ -15,6 +15,7 @@ from paratransfer import data, inject
 from paratransfer.demo import arithmetic_records, write_jsonl
 from paratransfer.models import load_model
 from paratransfer.train import TrainSettings, build_lora_model, lora_targets
+from tolerances import logits
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 RANK, ALPHA = ADAPTER_RANK, ADAPTER_ALPHA  # the shared `adapters` fixture's
@@ -42,12 +43,6 @@ def lora_model(student_dir, adapter_dir, dropout: float = 0.0):
     settings = resolve_settings(TrainSettings(dropout=dropout), adapter, arch_for(student))
     specs, _ = lora_targets(student, settings.modules)
     return build_lora_model(student, specs, settings, str(student_dir)), adapter
-
-
-@torch.no_grad()
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits.float()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])

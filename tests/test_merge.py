@@ -10,12 +10,7 @@ import torch
 
 from paratransfer.cli import main
 from paratransfer.models import load_model
-
-
-@torch.no_grad()
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits.float()
+from tolerances import logits
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

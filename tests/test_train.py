@@ -29,6 +29,7 @@ from paratransfer.train import (
     micro_batches,
     run_train,
 )
+from tolerances import logits
 
 RANK, ALPHA = ADAPTER_RANK, ADAPTER_ALPHA  # the shared `adapters` fixture's
 #: Small and fast: 10 examples, effective batch 4 (3 steps per epoch, the last one of 2).
@@ -53,12 +54,6 @@ def prompts(tokenizer) -> torch.Tensor:
         rows = [[4 + (7 * i + j) % 90 for j in range(80)] for i in range(3)]
     width = min(len(r) for r in rows)
     return torch.tensor([r[:width] for r in rows])
-
-
-@torch.no_grad()
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits.float()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

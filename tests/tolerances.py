@@ -1,4 +1,4 @@
-"""Float comparisons that hold on any CPU.
+"""Float comparisons that hold on any CPU, and the logits they compare.
 
 Two computations of the same value with different batch sizes, thread counts, process counts or
 kernels agree to the rounding of their dtype, not bit for bit (a judge's log-probabilities at
@@ -42,3 +42,10 @@ def decisive_margin(values: Sequence[float], dtype: torch.dtype = torch.float32)
     top = sorted(values, reverse=True)
     t = tolerance(dtype)
     return top[0] - top[1] > 10 * (t["atol"] + t["rtol"] * abs(top[0]))
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """A model's fp32 logits for a batch of token ids, in eval mode (dropout off)."""
+    model.eval()
+    return model(input_ids=ids).logits.float()
