@@ -212,7 +212,9 @@ def test_judge_both_orders(models, tokenizer, tmp_path):
     itself = open_task.compare(judge, tokenizer, items, ours, ours)
     for f, b, s in zip(forward, backward, itself, strict=True):
         assert f["win"] + b["win"] == 1.0 and s["win"] == 0.5
-        assert f["judge"]["ours_first"] == b["judge"]["reference_first"]
+        # batch 4 against batch 2: equal up to float32 rounding, not bit for bit on every CPU
+        assert f["judge"]["ours_first"] == pytest.approx(
+            b["judge"]["reference_first"], rel=100 * torch.finfo(torch.float32).eps)
 
 
 def test_evaluate_open_with_judge_and_reference(models, tmp_path):
