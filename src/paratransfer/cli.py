@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "blocks start and end on attention-head boundaries)")
     p.add_argument("--modules", default="embed,attn,mlp,head",
                    help="groups (embed,attn,mlp,head) or roles (q,k,v,o,gate,up,down)")
-    p.add_argument("--svd", default="exact", help="exact|randomized")
+    p.add_argument("--svd", default="auto",
+                   help="auto (randomized block Krylov until the top-r singular values and the "
+                        "residual are certified, else exact), exact (economy SVD), randomized "
+                        "(fixed sketch, unchecked); default auto")
     p.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
     p.add_argument("--min-vocab-coverage", type=float, default=0.5,
                    help="refuse embed/head when fewer of the student's tokens are found in the "
@@ -150,9 +153,30 @@ def summarize_extraction(report: dict, out) -> str:
         f"energy kept by rank {report['rank']}: mean {sum(energies) / max(len(energies), 1):.3f}, "
         f"min {min(energies, default=0):.3f}",
     ]
+    svd = _svd_summary(report)
+    if svd:
+        lines.append(svd)
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['role']}: {s['reason']}")
     return "\n".join(lines)
+
+
+def _svd_summary(report: dict) -> str | None:
+    """How `--svd auto` factorized the blocks (None for the other methods)."""
+    blocks = [m["svd"] for m in {m["name"]: m for m in report["modules"]}.values()
+              if "certified" in m.get("svd", {})]
+    if not blocks:
+        return None
+    steps = [b["steps"] for b in blocks if b["method"] == "krylov"]
+    small = sum(1 for b in blocks if b["method"] == "exact" and not b["steps"])
+    spent = len(blocks) - len(steps) - small
+    parts = [f"{len(steps)} certified by block Krylov"
+             + (f" in {min(steps)}-{max(steps)} steps" if steps else "")]
+    if small:
+        parts.append(f"{small} small enough for the exact SVD")
+    if spent:
+        parts.append(f"{spent} by the exact SVD after the Krylov budget ran out")
+    return "svd auto: " + ", ".join(parts)
 
 
 def _cmd_run(args) -> int:

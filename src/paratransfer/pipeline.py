@@ -232,7 +232,7 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
     else:
         sens, sens_meta = sensitivity_of(teacher_id, teacher, seeds,
                                          sens_settings or SensitivitySettings(), progress)
-    result = extract(teacher, student, sens, settings, vocab=vocab)
+    result = extract(teacher, student, sens, settings, vocab=vocab, device=device)
     del teacher
     report = {
         "paratransfer_version": __version__,
