@@ -8,6 +8,7 @@ reproducible.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -139,6 +140,8 @@ def test_out_of_budget_falls_back_to_the_exact_svd():
     u, s, v, cert = certified_svd(w, 4, seed=0, oversample=4, max_basis=16)
     assert cert.method == "exact" and "not certified" in cert.note
     assert cert.steps == 2 and cert.basis == 16  # it tried, then gave up
+    report = cert.as_dict()
+    assert report["method"] == "exact" and json.loads(json.dumps(report, allow_nan=False))
     check_against_exact(w, u, s, v, 4)
     exact = torch.linalg.svdvals(w)[:4]
     torch.testing.assert_close(s, exact)

@@ -59,7 +59,8 @@ class Certificate:
     note: str = ""  # why the exact SVD was used
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 12) if isinstance(v, float) and math.isfinite(v) else v)
+        """For JSON: figures that were never computed (infinite) become None."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in asdict(self).items()}
 
 
