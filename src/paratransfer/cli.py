@@ -176,7 +176,8 @@ def _svd_summary(report: dict) -> str | None:
         parts.append(f"{small} small enough for the exact SVD")
     if spent:
         parts.append(f"{spent} by the exact SVD after the Krylov budget ran out")
-    return "svd auto: " + ", ".join(parts)
+    seconds = sum(b.get("seconds", 0.0) for b in blocks)
+    return f"svd auto ({seconds:.1f} s): " + ", ".join(parts)
 
 
 def _cmd_run(args) -> int:

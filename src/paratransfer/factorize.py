@@ -9,6 +9,7 @@ W ~= B @ A with B = U_r Σ_r [m, r] and A = V_rᵀ [r, n]: the best rank-r appro
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ class Factors:
     B: torch.Tensor  # [m, r] = U_r Σ_r
     A: torch.Tensor  # [r, n] = V_rᵀ
     energy: float  # ||B@A||_F² / ||W||_F²; 1.0 for an all-zero block (nothing is lost)
-    svd: dict = field(default_factory=dict)  # how it was computed (method, certificate figures)
+    svd: dict = field(default_factory=dict)  # how: method, seconds, certificate figures
 
 
 # A factorizer gets (block, rank, seed, ||block||_F²) for a float32/float64 block and returns
@@ -123,7 +124,9 @@ def factorize(block: torch.Tensor, rank: int, method: str = DEFAULT_METHOD,
     out_dtype = block.dtype if block.is_floating_point() else torch.float32
     work = block.to(torch.float64 if block.dtype == torch.float64 else torch.float32)
     total = _squared_norm(work)
+    started = time.perf_counter()
     u, s, v, info = factorizer(work, rank, seed, total)
+    info["seconds"] = round(time.perf_counter() - started, 4)
     return Factors(
         B=(u * s).to(out_dtype).contiguous(),
         A=v.mT.to(out_dtype).contiguous(),
