@@ -205,6 +205,39 @@ def fidelity(row: dict) -> dict:
     return out
 
 
+SPECTRA = {  # the issue's comparison: how far a fixed sketch lands depends on the spectrum
+    "σ_i ∝ 1/i": lambda i: 1.0 / i,
+    "σ_i ∝ 1/√i": lambda i: i**-0.5,
+    "Gaussian (flat)": None,
+}
+
+
+def time_spectra(size: int, rank: int, seed: int) -> list[dict]:
+    """auto, randomized and exact on size² matrices with decaying and flat spectra."""
+    out = []
+    for name, decay in SPECTRA.items():
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(size, size, generator=g)
+        if decay is not None:
+            u = torch.linalg.qr(w)[0]
+            v = torch.linalg.qr(torch.randn(size, size, generator=g))[0]
+            w = (u * decay(torch.arange(1, size + 1, dtype=torch.float32))) @ v.T
+        row: dict = {"spectrum": name, "module": name}
+        for method in SVD_METHODS:
+            timing, factors = timed(factorize, w, rank, method, seed=seed)
+            record(row, method, timing)
+            row[f"{method}_sigma"] = factors.B.double().norm(dim=0).tolist()
+            row[f"{method}_residual"] = residual(w, factors.B, factors.A)
+            if method == "auto":
+                row["auto_svd"] = factors.svd
+        row["fidelity"] = fidelity(row)
+        out.append(row)
+        print(f"  {size}² {name:16} auto {row['auto_s']:.2f} s ({row['auto_svd']['steps']} "
+              f"steps), randomized {row['randomized_s']:.2f} s, exact {row['exact_s']:.2f} s",
+              flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- naive reference
 
 
@@ -456,6 +489,24 @@ def to_markdown(result: dict) -> str:
                 f"| {svd['excess_estimate']:.1e} "
                 f"| {f['randomized']['sigma_max_rel_error']:.1e} "
                 f"| {f['randomized']['excess_residual']:.1e} |")
+    if result.get("spectra"):
+        size = result["config"].get("spectra_size", 2048)
+        lines += [
+            "",
+            f"By spectrum, {size}×{size} matrices, rank {cfg['rank']} (seconds; σ and residual "
+            "against exact, as above):",
+            "",
+            "| spectrum | `auto` | steps | σ | residual | `randomized` | σ | residual "
+            "| `exact` |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["spectra"]:
+            f = r["fidelity"]
+            lines.append(
+                f"| {r['spectrum']} | {r['auto_s']:.2f} | {r['auto_svd']['steps']} "
+                f"| {f['auto']['sigma_max_rel_error']:.1e} | {f['auto']['excess_residual']:.1e} "
+                f"| {r['randomized_s']:.2f} | {f['randomized']['sigma_max_rel_error']:.1e} "
+                f"| {f['randomized']['excess_residual']:.1e} | {r['exact_s']:.2f} |")
     steps = [r["auto_svd"]["steps"] for r in result["modules"]]
     lines += [
         "",
@@ -492,6 +543,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=20_000,
         help="top-left positions the naive loop visits per shape class",
     )
+    p.add_argument("--spectra-size", type=int, default=2048,
+                   help="side of the matrices with chosen spectra (0: skip that comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -527,6 +580,7 @@ def run(args: argparse.Namespace) -> dict:
             + (f", exact {row['exact_s']:.1f} s" if "exact_s" in row else ""),
             flush=True,
         )
+    spectra = time_spectra(args.spectra_size, args.rank, args.seed) if args.spectra_size else []
     naive = []
     seen_shapes = set()
     for kind in kinds:
@@ -548,6 +602,7 @@ def run(args: argparse.Namespace) -> dict:
             "rank": args.rank,
             "exact": args.exact,
             "naive_positions": args.naive_positions,
+            "spectra_size": args.spectra_size,
             "seed": args.seed,
             "teacher": TEACHER,
             "student": STUDENT,
@@ -564,6 +619,7 @@ def run(args: argparse.Namespace) -> dict:
             for k in kinds
         ],
         "modules": rows,
+        "spectra": spectra,
         "naive": naive,
         "extrapolated": {
             clock: extrapolate(kinds, rows, naive, suffix) for clock, suffix in CLOCKS.items()
