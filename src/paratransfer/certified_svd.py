@@ -3,8 +3,8 @@
 `--svd auto` (the default of `extract`). A random block of r + p vectors is multiplied by
 W Wᵀ again and again; every product is kept (a block Krylov space), so the top singular values
 converge at a rate set by the square root of their gaps, much faster than plain power
-iteration when the spectrum is flat at r, as it is for most weight matrices. After each step
-the Ritz values (the squared singular values of QᵀW for the orthonormal basis Q) are checked:
+iteration when the spectrum is flat at r (as it is for random weights). After each step the
+Ritz values (the squared singular values of QᵀW for the orthonormal basis Q) are checked:
 
 * **the top-r singular values stop moving**: none changed by more than `SV_TOLERANCE`
   (relative) in the last step;
@@ -12,16 +12,17 @@ the Ritz values (the squared singular values of QᵀW for the orthonormal basis 
   onto r vectors of the basis, so ‖W − BA‖² = ‖W‖² − Σσ̃²); how far it is above the best
   attainable residual ‖W‖² − Σ_{i≤r} σ_i(W)² is *estimated*: Ritz values from nested spaces
   only grow towards the true ones, so the excess is what they have still to grow, extrapolated
-  geometrically from the last two steps (never less than the last step's growth). It must be
-  at most `RESIDUAL_TOLERANCE` of the best residual.
+  geometrically from their last two changes (never less than the last one). It must be at
+  most `RESIDUAL_TOLERANCE` of the best residual.
 
 Where the spectrum is flat at r the top-r singular *vectors* are not well defined and are not
 what is certified; the singular values and the residual are. The estimate is not a bound: no
 cheap a-posteriori bound is useful for flat spectra (the residual's share of the spectrum stays
 large however good the subspace). A random start has a component along every singular vector
 with probability one, which is what the extrapolation relies on. When the basis would grow
-past `MAX_BASIS` columns (or the whole space) before the certificate holds, the exact economy
-SVD is used instead, so no block is ever factorized uncertified.
+past `MAX_BASIS` columns before the certificate holds, the exact economy SVD is used instead:
+every block is either certified or exact. (A basis that spans an invariant subspace, or the
+whole space, gives exact Ritz values and ends the iteration too.)
 
 Large products run in the block's dtype and on its device (a GPU when extraction runs there);
 the small projected problems in float64 on the CPU. The random start is drawn on the CPU from
