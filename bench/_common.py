@@ -27,3 +27,16 @@ def save_result(result: dict, out: str | Path | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten {out}")
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (from /proc/stat), or None."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")

@@ -122,6 +122,16 @@ def measure(cfg: dict) -> dict:
     }
 
 
+def summary(result: dict) -> list[dict]:
+    """The headline row of BENCHMARKS.md's summary table."""
+    goal = result["goal"]
+    return [{"what": f"greedy generation, {result['params'] / 1e6:.1f}M-parameter random Llama: "
+                     "batched against one prompt at a time",
+             "headline": f"{result['speedup']:.1f}×, outputs "
+                         + ("identical" if result["identical_outputs"] else "DIFFERENT"),
+             "goal": f"≥ {goal['target']:.0f}×, identical", "met": goal["met"]}]
+
+
 def to_markdown(result: dict) -> str:
     """The BENCHMARKS.md section body for this benchmark."""
     cfg, s, tps, goal = result["config"], result["seconds"], result["tokens_per_second"], result["goal"]

@@ -400,6 +400,18 @@ def _verdict(goal: dict) -> str:
     return "met" if goal["met"] else "NOT met"
 
 
+def summary(result: dict) -> list[dict]:
+    """The headline rows of BENCHMARKS.md's summary table."""
+    gm, gt = result["goals"]["memory"], result["goals"]["time"]
+    what = f"sensitivity pass on a {result['params'] / 1e6:.1f}M-parameter random Llama"
+    return [
+        {"what": f"{what}: peak memory, ours / naive (every gradient kept)",
+         "headline": _fmt(gm["value"]), "goal": f"≤ {gm['target']}", "met": gm["met"]},
+        {"what": f"{what}: seconds per sample, ours / plain forward+backward",
+         "headline": _fmt(gt["value"]), "goal": f"≤ {gt['target']:.2f}", "met": gt["met"]},
+    ]
+
+
 def to_markdown(result: dict) -> str:
     """The BENCHMARKS.md section body for this benchmark."""
     cfg, runs, r, goals = result["config"], result["runs"], result["ratios"], result["goals"]

@@ -282,6 +282,19 @@ def _fmt(x, spec=".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def summary(result: dict) -> list[dict]:
+    """The headline rows of BENCHMARKS.md's summary table."""
+    goals = result["goals"]
+    what = (f"layer-streamed sensitivity (`--stream`) of a {result['sizes']['total'] / 1e9:.2f}B-"
+            "parameter random Llama, against the teacher in memory")
+    return [
+        {"what": f"{what}: peak memory", "headline": f"{goals['memory']['value']:.3f}",
+         "goal": f"≤ {GOAL_MEMORY}", "met": goals["memory"]["met"]},
+        {"what": f"{what}: time", "headline": f"{goals['time']['value']:.2f}",
+         "goal": f"≤ {GOAL_TIME:g}", "met": goals["time"]["met"]},
+    ]
+
+
 def to_markdown(result: dict) -> str:
     """The BENCHMARKS.md section body for this benchmark."""
     cfg, runs, goals, s = result["config"], result["runs"], result["goals"], result["sizes"]

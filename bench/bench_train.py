@@ -179,6 +179,16 @@ def measure(cfg: dict) -> dict:
     }
 
 
+def summary(result: dict) -> list[dict]:
+    """The headline row of BENCHMARKS.md's summary table."""
+    goal = result["goal"]
+    return [{"what": "training throughput, transfer init against standard init (same loop), "
+                     f"{result['student_params'] / 1e6:.1f}M-parameter student: overhead",
+             "headline": f"{goal['value'] * 100:+.1f}% (noise floor "
+                         f"{result['noise_floor'] * 100:+.1f}%)",
+             "goal": f"≤ {goal['target'] * 100:.0f}%", "met": goal["met"]}]
+
+
 def to_markdown(result: dict) -> str:
     """The BENCHMARKS.md section body for this benchmark."""
     cfg, tps, goal = result["config"], result["tokens_per_second"], result["goal"]

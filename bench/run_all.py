@@ -1,9 +1,16 @@
 """`make bench`: run every ``bench/bench_*.py`` and (re)write ``BENCHMARKS.md`` at the repo root.
 
-Each benchmark module exposes ``main(argv=None) -> dict`` (called here as ``main([])``) and may
-expose ``to_markdown(result: dict) -> str`` for its section of BENCHMARKS.md; without one, its
-result is shown as a key/value table. Modules are imported by file path, one at a time; a
-missing or failing benchmark is recorded in the report and the others still run.
+Each benchmark module exposes ``main(argv=None) -> dict`` (called here as ``main([])``; it also
+saves its result as ``bench/results/<name>.json``) and may expose ``to_markdown(result) -> str``
+(its section: a short table and a few lines) and ``summary(result) -> list[dict]`` (its rows of
+the summary table at the top: ``what``, ``headline``, ``goal``, ``met``). BENCHMARKS.md stays
+short; every raw figure is in ``bench/results/``.
+
+``--only a,b`` runs those benchmarks and shows the saved results of the others;
+``--from-results`` runs nothing. A saved result may carry its own ``markdown`` and ``summary``
+(figures carried over from an earlier report whose raw result was not kept): they are shown as
+they are. Modules are imported by file path, one at a time; a missing or failing benchmark is
+recorded in the report and the others still run.
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ import datetime as _dt
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -21,33 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 REPORT = ROOT / "BENCHMARKS.md"
+RESULTS = HERE / "results"
 
-#: Always reported (as missing if the file is not there yet); any other bench_*.py is run too.
-EXPECTED = ("bench_sensitivity", "bench_extract", "bench_stability")
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    ram = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = round(int(line.split()[1]) / 1024 / 1024, 1)
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram,
-            "python": platform.python_version(), "platform": platform.platform()}
-    for lib in ("torch", "transformers", "peft"):
-        try:
-            info[lib] = __import__(lib).__version__
-        except Exception:  # not installed, or broken: the report says so
-            info[lib] = None
-    return info
+#: Reported first, in this order (as missing if the file is not there); any other bench_*.py too.
+EXPECTED = ("bench_extract", "bench_extract_command", "bench_sensitivity")
 
 
 def benchmark_names() -> list[str]:
@@ -67,26 +50,45 @@ def load(name: str):
     return module
 
 
-RESULTS = HERE / "results"
+def result_path(name: str) -> Path:
+    return RESULTS / f"{name.removeprefix('bench_')}.json"
+
+
+def describe(entry: dict, module) -> None:
+    """Fill the entry's section body and summary rows from its result."""
+    result = entry["result"]
+    try:
+        if "markdown" in result:
+            entry["markdown"] = result["markdown"]
+        else:
+            formatter = getattr(module, "to_markdown", None)
+            entry["markdown"] = formatter(result) if callable(formatter) else goal_lines(result)
+        rows = result.get("summary")
+        if rows is None:
+            summarize = getattr(module, "summary", None)
+            rows = summarize(result) if callable(summarize) else []
+        entry["summary"] = rows
+    except Exception:
+        entry["markdown"] = (goal_lines(result) + "\n\n(its report failed: "
+                             f"`{traceback.format_exc().strip().splitlines()[-1]}`)")
+        entry["summary"] = []
 
 
 def saved_one(name: str) -> dict:
-    """An entry from the JSON a benchmark saved in bench/results/ (`--from-results`: no rerun)."""
-    entry: dict = {"name": name, "seconds": 0.0}
-    path = RESULTS / f"{name.removeprefix('bench_')}.json"
+    """An entry from the JSON a benchmark saved in bench/results/ (no rerun)."""
+    entry: dict = {"name": name, "seconds": None}
+    path = result_path(name)
     module = load(name)
     if module is None or not path.is_file():
-        entry.update(status="missing", error=f"{path} does not exist")
+        entry.update(status="missing", error=f"{path.relative_to(ROOT)} does not exist")
         return entry
-    result = json.loads(path.read_text())
-    formatter = getattr(module, "to_markdown", None)
-    entry.update(status="ok (saved result)", result=result,
-                 markdown=formatter(result) if callable(formatter) else generic_markdown(result))
+    entry.update(status="saved", result=json.loads(path.read_text()))
+    describe(entry, module)
     return entry
 
 
 def run_one(name: str) -> dict:
-    """{'name', 'status': ok|missing|failed, 'result'|'error', 'seconds', 'markdown'}."""
+    """{'name', 'status': ran|missing|failed, 'result'|'error', 'seconds', 'markdown', ...}."""
     entry: dict = {"name": name}
     t0 = time.perf_counter()
     try:
@@ -94,14 +96,8 @@ def run_one(name: str) -> dict:
         if module is None:
             entry.update(status="missing", error=f"bench/{name}.py does not exist")
             return entry
-        result = module.main([])
-        entry.update(status="ok", result=result)
-        formatter = getattr(module, "to_markdown", None)
-        try:
-            entry["markdown"] = formatter(result) if callable(formatter) else generic_markdown(result)
-        except Exception:
-            entry["markdown"] = (generic_markdown(result) + "\n\n(its `to_markdown` failed: "
-                                 f"`{traceback.format_exc().strip().splitlines()[-1]}`)")
+        entry.update(status="ran", result=module.main([]))
+        describe(entry, module)
     except BaseException as e:  # SystemExit from argparse, KeyboardInterrupt is re-raised
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -113,92 +109,107 @@ def run_one(name: str) -> dict:
 
 # --------------------------------------------------------------------------- markdown
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)) and len(value) > 8:
-        return f"[{len(value)} values]"
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text.replace("|", "\\|").replace("\n", " ")
 
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
-    rows = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            rows += _flatten(v, key + ".")
-        else:
-            rows.append((key, v))
-    return rows
-
-
-def generic_markdown(result: dict) -> str:
-    """Goal lines (from a ``goals`` mapping, if any) and a key/value table of everything else."""
+def goal_lines(result: dict) -> str:
+    """For a benchmark without `to_markdown`: its goals (a `goals` or `goal` mapping), if any."""
+    goals = result.get("goals") or ({"goal": result["goal"]} if "goal" in result else {})
     lines = []
-    goals = result.get("goals") if isinstance(result, dict) else None
-    if isinstance(goals, dict):
-        for goal, g in goals.items():
-            if isinstance(g, dict) and "value" in g:
-                met = g.get("met")
-                state = "" if met is None else (": met" if met else ": NOT met")
-                lines.append(f"- {goal}: **{_cell(g['value'])}** "
-                             f"(goal {_cell(g.get('target', '?'))}{state})")
-        if lines:
-            lines.append("")
-    if not isinstance(result, dict):
-        return "\n".join(lines + [f"`{_cell(result)}`"])
-    rest = {k: v for k, v in result.items() if k not in ("goals", "machine")}
-    lines += ["| figure | value |", "|---|---|"]
-    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in _flatten(rest)]
-    return "\n".join(lines)
+    for name, g in goals.items():
+        if isinstance(g, dict) and "value" in g:
+            met = g.get("met")
+            state = "" if met is None else (": met" if met else ": NOT met")
+            lines.append(f"- {name}: **{g['value']:.4g}** (goal {g.get('target', '?')}{state})")
+    return "\n".join(lines) or "(no figures to show: see the raw result)"
 
 
-def render(entries: list[dict], info: dict, started: _dt.datetime) -> str:
+def machine_label(result: dict) -> str:
+    """Where and when a result was measured, in a few words."""
+    m = result.get("machine") or {}
+    cpu = str(m.get("cpu", "?")).strip()
+    parts = [f"{cpu}, {m.get('cores', '?')} cores"]
+    if m.get("torch"):
+        parts.append(f"torch {m['torch']}")
+    date = str(result.get("date", ""))[:10]
+    return ", ".join(parts) + (f"; {date}" if date else "")
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _met(met) -> str:
+    return "not judged" if met is None else ("yes" if met else "**no**")
+
+
+def summary_table(entries: list[dict]) -> list[str]:
+    lines = ["| benchmark | what was measured | headline | goal | met | measured on |",
+             "|---|---|---|---|---|---|"]
+    for e in entries:
+        title = e["name"].removeprefix("bench_")
+        rows = e.get("summary") or []
+        if not rows:
+            state = e["status"] if e["status"] in ("missing", "failed") else "see its section"
+            lines.append(f"| [{title}](#{title}) | – | {state} | – | – | – |")
+        for row in rows:
+            lines.append(f"| [{title}](#{title}) | {_cell(row['what'])} | "
+                         f"{_cell(row['headline'])} | {_cell(row['goal'])} | "
+                         f"{_met(row.get('met'))} | {_cell(machine_label(e['result']))} |")
+    return lines
+
+
+def render(entries: list[dict], started: _dt.datetime) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Generated by `make bench` (`bench/run_all.py`) on {started:%Y-%m-%d %H:%M}.",
+        f"Written by `make bench` (`bench/run_all.py`) on {started:%Y-%m-%d %H:%M}. Each row was "
+        "measured in one run on the machine it names; the ratios within a run hold better across "
+        "machines than the absolute times. Raw figures: `bench/results/<benchmark>.json`.",
         "",
-        f"**Machine:** {info.get('cpu')}, {info.get('cores')} cores, {info.get('ram_gib')} GiB "
-        f"RAM; {info.get('platform')}; Python {info.get('python')}, torch {info.get('torch')}, "
-        f"transformers {info.get('transformers')}, peft {info.get('peft')}.",
-        "",
-        "Ratios come from one run on this machine; absolute times and memory vary by machine "
-        "(and with other load on it), the ratios much less.",
+        *summary_table(entries),
         "",
     ]
     for e in entries:
         title = e["name"].removeprefix("bench_")
-        lines += [f"## {title}", "", f"`bench/{e['name']}.py` — {e['status']}"
-                  + (f", {e['seconds']:.0f} s" if e["status"] != "missing" else ""), ""]
-        if e["status"].startswith("ok"):
-            lines += [e["markdown"].rstrip(), ""]
-        elif e["status"] == "missing":
-            lines += ["Not run: the benchmark file is missing.", ""]
-        else:
+        lines += [f"## {title}", ""]
+        if e["status"] == "missing":
+            lines += [f"Not available: {e['error']}.", ""]
+            continue
+        if e["status"] == "failed":
             tail = "\n".join(e["error"].strip().splitlines()[-12:])
-            lines += ["Failed:", "", "```", tail, "```", ""]
+            lines += [f"`bench/{e['name']}.py` failed:", "", "```", tail, "```", ""]
+            continue
+        how = (f"run now ({e['seconds']:.0f} s)" if e["status"] == "ran" else "saved result")
+        lines += [f"`bench/{e['name']}.py`, {how}; measured on "
+                  f"{machine_label(e['result'])}; raw: "
+                  f"`{result_path(e['name']).relative_to(ROOT)}`", ""]
+        if e["result"].get("carried_over"):
+            lines += [f"*{e['result']['carried_over']}*", ""]
+        lines += [e["markdown"].rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
     for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                  ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(k, v)
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))  # benchmarks may import each other's helpers
+    only: set[str] | None = None
+    if "--from-results" in argv:
+        only = set()
+    if "--only" in argv:
+        only = {f"bench_{n.removeprefix('bench_')}" for n in argv[argv.index("--only") + 1].split(",")}
     started = _dt.datetime.now()
-    info = machine_info()
     entries = []
-    saved = "--from-results" in (argv or [])
     for name in benchmark_names():
-        print(f"=== {name}", flush=True)
-        entry = saved_one(name) if saved else run_one(name)
+        run = only is None or name in only
+        print(f"=== {name}" + ("" if run else " (saved result)"), flush=True)
+        entry = run_one(name) if run else saved_one(name)
         entries.append(entry)
-        if not entry["status"].startswith("ok"):
+        if entry["status"] in ("missing", "failed"):
             print(f"=== {name}: {entry['status']}\n{entry['error']}", file=sys.stderr, flush=True)
-    REPORT.write_text(render(entries, info, started))
+    REPORT.write_text(render(entries, started))
     print(f"\nwritten {REPORT}")
     for e in entries:
         print(f"  {e['name']}: {e['status']}")

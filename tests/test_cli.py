@@ -4,6 +4,7 @@ naming what is wrong, with nothing written."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,10 @@ def test_extract_via_cli(capsys, model_pairs, seeds_file, tmp_path):
     assert "teacher layers selected" in stdout
     report = json.loads((out / "transfer.json").read_text())
     assert len(report["selected_layers"]) == 2
+    blocks = {m["name"]: m["svd"]["method"] for m in report["modules"]}
+    krylov = sum(1 for v in blocks.values() if v == "krylov")
+    assert re.search(rf"svd auto \([0-9.]+ s\): {krylov} certified by block Krylov", stdout)
+    assert f"{len(blocks) - krylov} small enough for the exact SVD" in stdout
 
 
 def _bad_seeds(tmp_path: Path, text: str) -> Path:

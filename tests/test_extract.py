@@ -127,6 +127,12 @@ def test_transfer_json_has_required_fields(extracted):
     for entry in report["modules"]:
         for key in ("name", "teacher_name", "teacher_shape", "student_shape", "window", "energy"):
             assert key in entry
+        # --svd auto, the default: how each block was factorized, and its certificate
+        svd = entry["svd"]
+        assert svd["method"] in ("krylov", "exact") and svd["certified"] is True
+        assert entry["energy"] == pytest.approx(1 - svd["residual"], abs=1e-6)
+    assert report["settings"]["svd"] == "auto"
+    assert any(e["svd"]["method"] == "krylov" for e in report["modules"])
     assert (extracted["llama"][0] / "layers.png").stat().st_size > 1000
 
 

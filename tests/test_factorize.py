@@ -109,7 +109,7 @@ def test_randomized_seed_changes_the_sketch():
 
 def test_exact_is_reproducible():
     w = torch.randn(50, 30, generator=torch.Generator().manual_seed(0))
-    a, b = factorize(w, 6), factorize(w, 6)
+    a, b = factorize(w, 6, "exact"), factorize(w, 6, "exact")
     assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
 
 
@@ -122,7 +122,7 @@ def test_exact_uses_economy_svd():
         return real_svd(x, *args, **kwargs)
 
     with mock.patch.object(torch.linalg, "svd", spy):
-        f = factorize(torch.randn(60, 10), 3)
+        f = factorize(torch.randn(60, 10), 3, "exact")
     assert calls == [False]
     assert f.B.shape == (60, 3)
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from paratransfer import data
 from paratransfer.models import load_model
 from paratransfer.pipeline import SensitivitySettings, run_sensitivity
-from paratransfer.sensitivity import SensitivityFile, accumulate_sensitivity, layer_scores
+from paratransfer.sensitivity import SensitivityFile, accumulate_sensitivity, layer_scores, sum64
 
 
 def naive_sensitivity(model, samples) -> dict[str, torch.Tensor]:
@@ -83,6 +83,14 @@ def test_sensitivity_file_roundtrip(model_pairs, seeds_file, tmp_path):
     want = [sum(float(v.double().sum()) for n, v in ref.items() if n.startswith(f"model.layers.{i}."))
             for i in range(4)]
     assert scores == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0,), (7,), (300, 1000), (1000, 300)])
+def test_sum64_is_the_float64_sum(dtype, shape):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for view in (x, x.mT if x.dim() == 2 else x):
+        assert sum64(view) == pytest.approx(float(view.double().sum()), rel=1e-12, abs=0)
 
 
 def test_existing_output_refused_before_work(model_pairs, seeds_file, tmp_path):

@@ -144,9 +144,31 @@ def summarize_extraction(report: dict, out) -> str:
         f"energy kept by rank {report['rank']}: mean {sum(energies) / max(len(energies), 1):.3f}, "
         f"min {min(energies, default=0):.3f}",
     ]
+    svd = _svd_summary(report)
+    if svd:
+        lines.append(svd)
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['role']}: {s['reason']}")
     return "\n".join(lines)
+
+
+def _svd_summary(report: dict) -> str | None:
+    """How `--svd auto` factorized the blocks (None for the other methods)."""
+    blocks = [m["svd"] for m in {m["name"]: m for m in report["modules"]}.values()
+              if "certified" in m.get("svd", {})]
+    if not blocks:
+        return None
+    steps = [b["steps"] for b in blocks if b["method"] == "krylov"]
+    small = sum(1 for b in blocks if b["method"] == "exact" and not b["steps"])
+    spent = len(blocks) - len(steps) - small
+    parts = [f"{len(steps)} certified by block Krylov"
+             + (f" in {min(steps)}-{max(steps)} steps" if steps else "")]
+    if small:
+        parts.append(f"{small} small enough for the exact SVD")
+    if spent:
+        parts.append(f"{spent} by the exact SVD after the Krylov budget ran out")
+    seconds = sum(report.get("timing", {}).get("svd_seconds", {}).values())
+    return f"svd auto ({seconds:.1f} s): " + ", ".join(parts)
 
 
 def _cmd_run(args) -> int:

@@ -41,7 +41,10 @@ def add_extraction(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
     p.add_argument("--modules", default="embed,attn,mlp,head",
                    help="groups (embed,attn,mlp,head) or roles (q,k,v,o,gate,up,down)")
-    p.add_argument("--svd", default="exact", help="exact|randomized")
+    p.add_argument("--svd", default="auto",
+                   help="auto (randomized block Krylov until the top-r singular values and the "
+                        "residual are certified, else exact), exact (economy SVD), randomized "
+                        "(fixed sketch, unchecked); default auto")
     p.add_argument("--min-vocab-coverage", type=float, default=0.5,
                    help="refuse embed/head when fewer of the student's tokens are found in the "
                         "teacher's vocabulary (default 0.5)")

@@ -42,7 +42,7 @@ class ExtractSettings:
     layers: str = "sensitivity"
     reduce: str = "window"
     modules: tuple[str, ...] = ("embed", "q", "k", "v", "o", "gate", "up", "down", "head")
-    svd: str = "exact"
+    svd: str = "auto"
     seed: int = 0
     dropout: float = 0.05
     min_vocab_coverage: float = 0.5  # refuse embed/head when fewer student tokens are matched
@@ -300,12 +300,14 @@ def extract(
     teacher_tokenizer=None,
     student_tokenizer=None,
     vocab: VocabAlignment | None = None,
+    device: torch.device | str | None = None,
 ) -> Extraction:
     """Select teacher layers, cut each selected matrix to the student's shape, factorize it.
 
     `teacher` is a model or a `TeacherWeights` source. Embed and head need the vocabularies
     aligned: pass both tokenizers, or `vocab` from `vocabulary_for`; with neither, the two
-    vocabularies must be one.
+    vocabularies must be one. Blocks are factorized on `device` (a GPU, when there is one, is
+    much faster at it), on the CPU when None; the factors come back to the CPU.
     """
     weights = as_teacher_weights(teacher)
     t_arch, s_arch = arch_for(weights.config), arch_for(student)
@@ -384,12 +386,15 @@ def extract(
                 entries.append(entry)
             block = s_arch.fuse(spec, s_config, parts)
             rank_fits(settings.rank, tuple(block.shape), s_name)
+            if device is not None:
+                block = block.to(device)
             fac = factorize.factorize(block, settings.rank, settings.svd, seed=settings.seed)
             for e in entries:
                 e["energy"] = fac.energy
+                e["svd"] = fac.svd
             result.entries.extend(entries)
             result.factors.append(ModuleFactors(spec, spec.module_name(s_arch.layers, s_layer),
-                                                fac.B, fac.A, fac.energy))
+                                                fac.B.cpu(), fac.A.cpu(), fac.energy))
     for k, spec in enumerate(standard):
         for s_layer in (range(n_student) if spec.in_layer else [None]):
             shape = tuple(spec.to_linear(s_params[spec.param_name(s_arch.layers, s_layer)]).shape)

@@ -1,17 +1,21 @@
 """Rank-r factorization of a reduced teacher block into LoRA factors (docs/method.md §4).
 
 W ~= B @ A with B = U_r Σ_r [m, r] and A = V_rᵀ [r, n]: the best rank-r approximation
-(Eckart-Young), which becomes the starting point of the student's LoRA pair.
+(Eckart-Young), which becomes the starting point of the student's LoRA pair. Three methods:
+`auto` (block Krylov grown until a certificate holds, else the exact SVD; `certified_svd.py`),
+`exact` (economy SVD) and `randomized` (`torch.svd_lowrank`, fixed sketch, uncertified).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from paratransfer.certified_svd import certified_svd
 from paratransfer.errors import UserError
 
 DEFAULT_OVERSAMPLE = 8
@@ -25,37 +29,48 @@ class Factors:
     B: torch.Tensor  # [m, r] = U_r Σ_r
     A: torch.Tensor  # [r, n] = V_rᵀ
     energy: float  # ||B@A||_F² / ||W||_F²; 1.0 for an all-zero block (nothing is lost)
+    svd: dict = field(default_factory=dict)  # how: method, seconds, certificate figures
 
 
-# A factorizer returns (U_r [m, r], S_r [r], V_r [n, r]) for a float32/float64 block.
-Factorizer = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A factorizer gets (block, rank, seed, ||block||_F²) for a float32/float64 block and returns
+# (U_r [m, r], S_r [r], V_r [n, r], what was done: {"method": ..., ...}).
+Factorizer = Callable[[torch.Tensor, int, int, float],
+                      tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]
 
 
-def _exact(block: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, ...]:
+def _exact(block: torch.Tensor, rank: int, seed: int, total: float) -> tuple:
     """Economy SVD: exact top-r triplets, never the m x m U of a full SVD."""
     u, s, vh = torch.linalg.svd(block, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank].mT
+    return u[:, :rank], s[:rank], vh[:rank].mT, {"method": "exact"}
 
 
-def _randomized(
-    block: torch.Tensor, rank: int, seed: int, oversample: int = DEFAULT_OVERSAMPLE
-) -> tuple[torch.Tensor, ...]:
-    """Randomized SVD (Halko et al.): ~50-100x faster at 4096-wide blocks, near-exact at r=16.
+def _randomized(block: torch.Tensor, rank: int, seed: int, total: float) -> tuple:
+    """Randomized SVD (Halko et al.) with a fixed sketch: fast, but how close it comes to the
+    exact factors depends on the spectrum and is not checked (`auto` checks).
 
     svd_lowrank draws from the global RNG, so it runs inside a forked RNG state seeded with
     `seed`: reproducible, and the caller's random stream is left untouched.
     """
-    q = min(rank + oversample, min(block.shape))
+    q = min(rank + DEFAULT_OVERSAMPLE, min(block.shape))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         u, s, v = torch.svd_lowrank(block, q=q, niter=RANDOMIZED_POWER_ITERATIONS)
-    return u[:, :rank], s[:rank], v[:, :rank]
+    info = {"method": "randomized", "sketch": q, "power_iterations": RANDOMIZED_POWER_ITERATIONS}
+    return u[:, :rank], s[:rank], v[:, :rank], info
+
+
+def _auto(block: torch.Tensor, rank: int, seed: int, total: float) -> tuple:
+    """Block Krylov until the certificate holds, else the exact SVD (`certified_svd`)."""
+    u, s, v, certificate = certified_svd(block, rank, seed, total=total)
+    return u, s, v, certificate.as_dict()
 
 
 FACTORIZERS: dict[str, Factorizer] = {
+    "auto": _auto,
     "exact": _exact,
     "randomized": _randomized,
 }
+DEFAULT_METHOD = "auto"
 
 
 def _check(block: torch.Tensor, rank: int, method: str) -> Factorizer:
@@ -98,7 +113,8 @@ def _energy(total: float, singular_values: torch.Tensor) -> float:
     return min(1.0, kept / total)
 
 
-def factorize(block: torch.Tensor, rank: int, method: str = "exact", seed: int = 0) -> Factors:
+def factorize(block: torch.Tensor, rank: int, method: str = DEFAULT_METHOD,
+              seed: int = 0) -> Factors:
     """LoRA factors (B, A) of a teacher block at the given rank, by the named SVD method.
 
     Computes in float32 (float64 stays float64) because half-precision SVD is unsupported or
@@ -108,9 +124,12 @@ def factorize(block: torch.Tensor, rank: int, method: str = "exact", seed: int =
     out_dtype = block.dtype if block.is_floating_point() else torch.float32
     work = block.to(torch.float64 if block.dtype == torch.float64 else torch.float32)
     total = _squared_norm(work)
-    u, s, v = factorizer(work, rank, seed)
+    started = time.perf_counter()
+    u, s, v, info = factorizer(work, rank, seed, total)
+    info["seconds"] = round(time.perf_counter() - started, 4)
     return Factors(
         B=(u * s).to(out_dtype).contiguous(),
         A=v.mT.to(out_dtype).contiguous(),
         energy=_energy(total, s),
+        svd=info,
     )

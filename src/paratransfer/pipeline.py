@@ -251,8 +251,10 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
     else:
         sens, sens_meta = sensitivity_of(teacher_id, teacher, seeds,
                                          sens_settings or SensitivitySettings(), progress)
-    result = extract(teacher, student, sens, settings, vocab=vocab)
+    result = extract(teacher, student, sens, settings, vocab=vocab, device=device)
     del teacher
+    svd_seconds = {e["name"]: e["svd"].pop("seconds") for e in result.entries
+                   if "seconds" in e.get("svd", {})}
     report = {
         "paratransfer_version": __version__,
         "teacher": model_label(teacher_id),
@@ -271,7 +273,8 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
         "modules": result.entries,
         "skipped": result.skipped,
         "padded": result.padded,
-        "timing": {"seconds": round(time.time() - started, 3)},  # apart: differs between runs
+        # apart: the only part that differs between identical runs
+        "timing": {"seconds": round(time.time() - started, 3), "svd_seconds": svd_seconds},
     }
     with atomic_dir(out, overwrite) as tmp:
         write_adapter(student, result.factors, tmp, settings.rank, settings.alpha,

@@ -24,7 +24,7 @@ from paratransfer.train.settings import TrainSettings
 STEP_KEYS: dict[str, dict[str, Any]] = {
     "sensitivity": {"prompt_format": "tulu", "max_length": 2048, "max_samples": None},
     "extract": {"rank": 16, "alpha": 16.0, "dropout": 0.05, "layers": "sensitivity",
-                "reduce": "window", "modules": "embed,attn,mlp,head", "svd": "exact",
+                "reduce": "window", "modules": "embed,attn,mlp,head", "svd": "auto",
                 "min_vocab_coverage": 0.5, "allow_pad": False},
     "train": {"init": "transfer", "epochs": 3, "lr": 3e-4, "batch_size": 64,
               "micro_batch_size": 8, "max_steps": None, "checkpoint_every": 10,
