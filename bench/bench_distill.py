@@ -83,6 +83,16 @@ def measure(cfg: dict) -> dict:
     }
 
 
+def summary(result: dict) -> list[dict]:
+    """The headline row of BENCHMARKS.md's summary table (a figure to report, no goal)."""
+    return [{"what": "a `--distill` training step against a plain LoRA step, "
+                     f"{result['student_parameters'] / 1e6:.2f}M-parameter student, "
+                     f"{result['teacher_parameters'] / 1e6:.2f}M-parameter teacher",
+             "headline": f"{result['ratio']:.2f}× the time (teacher's forward passes: "
+                         f"{result['teacher_seconds_per_step'] / result['seconds_per_step']['distill']:.0%})",
+             "goal": "report", "met": None}]
+
+
 def to_markdown(result: dict) -> str:
     """The BENCHMARKS.md section body for this benchmark."""
     s, cfg = result["seconds_per_step"], result["config"]

@@ -105,6 +105,15 @@ def _spawn(paths: dict, pool: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def summary(result: dict) -> list[dict]:
+    """The headline row of BENCHMARKS.md's summary table."""
+    g = result["goals"]["memory"]
+    return [{"what": f"`paratransfer stability`: peak memory for a pool of {POOLS[1]} seed "
+                     f"samples against a pool of {POOLS[0]}, {result['teacher_params'] / 1e6:.1f}M-"
+                     "parameter teacher",
+             "headline": f"{g['value']:.2f}", "goal": f"≤ {g['target']}", "met": g["met"]}]
+
+
 def to_markdown(result: dict) -> str:
     """The BENCHMARKS.md section body for this benchmark."""
     t, s = result["config"]["teacher"], result["config"]["student"]
