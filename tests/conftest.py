@@ -13,6 +13,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (CI stays reproducible); set
+# HYPOTHESIS_PROFILE=explore to draw new ones while developing.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from paratransfer.demo import arithmetic_records, write_jsonl  # noqa: E402
 from paratransfer.tiny import char_tokenizer, save_tiny, tiny_model  # noqa: E402

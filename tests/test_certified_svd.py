@@ -73,7 +73,9 @@ def check_against_exact(w: torch.Tensor, u, s, v, rank: int) -> None:
     w64 = w.to(torch.float64).numpy()
     exact = np.linalg.svd(w64, compute_uv=False)
     eps = torch.finfo(w.dtype).eps
-    sigma_floor = 16 * eps * exact[0]
+    # Rounding in w.dtype moves singular values by about eps·σ_max times a factor that grows
+    # with the matrix's size (the products of the Krylov iterations add to it).
+    sigma_floor = 8 * eps * np.sqrt(max(w.shape)) * exact[0]
     got = s.to(torch.float64).numpy()
     assert np.all(np.abs(got - exact[:rank]) <= TOLERANCE * exact[:rank] + sigma_floor), (
         got, exact[:rank])
