@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import cpu_name, save_result
+from _common import busy_cpu_seconds, cpu_name, save_result
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "sensitivity.json"
@@ -106,17 +106,6 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (from /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 class Clock:
     """Marks sample boundaries: wall time, and the CPU other processes used in between.
 
@@ -130,7 +119,7 @@ class Clock:
         self.marks: list[tuple[float, float, float | None]] = []
 
     def mark(self) -> None:
-        self.marks.append((time.perf_counter(), time.process_time(), _busy_cpu_seconds()))
+        self.marks.append((time.perf_counter(), time.process_time(), busy_cpu_seconds()))
 
     def intervals(self) -> list[dict]:
         cores = os.cpu_count() or 1

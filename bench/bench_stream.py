@@ -38,9 +38,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _common import save_result  # noqa: E402
+from _common import busy_cpu_seconds, save_result  # noqa: E402
 from bench_sensitivity import (  # noqa: E402  (shared helpers: machine, RSS, load on the CPU)
-    _busy_cpu_seconds,
     _peak_rss_bytes,
     _rss_bytes,
     _warm_up_runtime,
@@ -174,7 +173,7 @@ def run_mode(mode: str, cfg: dict, folder: Path, out: Path) -> dict:
     samples = make_samples(cfg)
     gc.collect()
     baseline = _rss_bytes()
-    busy0, cpu0 = _busy_cpu_seconds(), os.times()
+    busy0, cpu0 = busy_cpu_seconds(), os.times()
     t0 = time.perf_counter()
     extra: dict = {}
     if mode == "memory":
@@ -191,7 +190,7 @@ def run_mode(mode: str, cfg: dict, folder: Path, out: Path) -> dict:
         extra["max_live_layers"] = teacher.max_live_layers
     seconds = time.perf_counter() - t0
     peak = _peak_rss_bytes() - baseline
-    busy1, cpu1 = _busy_cpu_seconds(), os.times()
+    busy1, cpu1 = busy_cpu_seconds(), os.times()
     other = None
     if busy0 is not None and busy1 is not None:
         mine = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
