@@ -6,10 +6,10 @@ generating them is not timed). For every module of ``--layers`` teacher layers (
 embedding (stored [32000, 5120], searched transposed as [5120, 32000] -> [4096, 32000]) and
 lm_head ([32000, 5120] -> [32000, 4096]) it times
 
-* ``window``      ``paratransfer.align.best_window`` (all positions scored at once);
+* ``window``      ``paratransfer.extract.strategies.best_window`` (all positions scored at once);
 * ``take``        ``Selection.take`` (a view: the copy happens inside the SVD);
 * ``auto``        ``factorize(..., method="auto")``, the default: block Krylov until its
-                  certificate holds (``paratransfer.certified_svd``);
+                  certificate holds (``paratransfer.extract.certified_svd``);
 * ``randomized``  ``factorize(..., method="randomized")`` (fixed sketch, unchecked);
 * ``exact``       ``factorize(..., method="exact")`` (economy SVD). It takes tens of seconds per
                   module, so by default it is timed once per shape class (4096², 11008x4096,
@@ -55,9 +55,9 @@ from pathlib import Path
 
 import torch
 
-from paratransfer.align import Selection, best_window, window_sums
-from paratransfer.factorize import DEFAULT_METHOD, factorize
-from paratransfer.sensitivity import sum64
+from paratransfer.extract.factorize import DEFAULT_METHOD, factorize
+from paratransfer.extract.strategies import Selection, best_window, window_sums
+from paratransfer.sensitivity.accumulate import sum64
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "extract.json"

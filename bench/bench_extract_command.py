@@ -93,9 +93,9 @@ def write_model(folder: Path, widths: dict, seed: int) -> dict[str, tuple[int, .
 
 def write_inputs(root: Path, seed: int) -> dict:
     """Teacher, student and the teacher's sensitivity file (random, fp32) under `root`."""
-    from paratransfer.lazy_weights import SafetensorsWeights
-    from paratransfer.models import fingerprint, model_label
-    from paratransfer.sensitivity import SensitivityWriter
+    from paratransfer.sensitivity.accumulate import SensitivityWriter
+    from paratransfer.teacher.lazy import SafetensorsWeights
+    from paratransfer.teacher.models import fingerprint, model_label
 
     teacher, student = root / "teacher", root / "student"
     shapes = write_model(teacher, TEACHER, seed)

@@ -54,7 +54,7 @@ def machine_info() -> dict:
 
 def make_prompts(n: int, tokenizer) -> list[str]:
     """`n` chat prompts in the training format, 1 to 4 sentences long (varied padding)."""
-    from paratransfer.data import Example, render
+    from paratransfer.tasks.examples import Example, render
 
     prompts = []
     for i in range(n):
@@ -71,8 +71,8 @@ def measure(cfg: dict) -> dict:
     """Time both modes over `rounds` alternating rounds; check the outputs agree."""
     import torch
 
+    from paratransfer.demo.tiny import char_tokenizer, tiny_model
     from paratransfer.evaluate.generation import encode, generate_greedy
-    from paratransfer.tiny import char_tokenizer, tiny_model
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])

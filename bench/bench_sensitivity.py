@@ -8,7 +8,7 @@ subprocess so its peak RSS is clean:
                    (the floor: what any gradient-based method must pay);
 * ``naive``        keep every gradient, build a per-sample ``{name: |θ·g|}`` dict, add it into a
                    running fp32 dict;
-* ``paratransfer`` ``paratransfer.sensitivity.accumulate_sensitivity`` (post-accumulate-grad
+* ``paratransfer`` ``paratransfer.sensitivity.accumulate.accumulate_sensitivity`` (post-accumulate-grad
                    hooks fold each gradient into its accumulator and free it at once).
 
 Peak memory is ``ru_maxrss`` at the end minus the RSS measured just before the model is built
@@ -152,7 +152,7 @@ def _warm_up_runtime() -> None:
 
     import torch
 
-    from paratransfer.tiny import tiny_model
+    from paratransfer.demo.tiny import tiny_model
 
     tiny = tiny_model("llama", vocab=64, hidden=32, layers=1, heads=4, mlp=64, seed=0)
     ids = torch.randint(10, 64, (1, 16))
@@ -215,7 +215,7 @@ def _run_naive(model, samples, clock: Clock):
 
 
 def _run_paratransfer(model, samples, clock: Clock):
-    from paratransfer.sensitivity import accumulate_sensitivity
+    from paratransfer.sensitivity.accumulate import accumulate_sensitivity
 
     def marked():
         for s in samples:
@@ -241,8 +241,8 @@ def run_mode(mode: str, cfg: dict) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (import before the baseline)
     from tqdm.auto import tqdm  # noqa: F401  (accumulate_sensitivity imports it lazily)
 
-    import paratransfer.sensitivity  # noqa: F401
-    from paratransfer.tiny import tiny_model
+    import paratransfer.sensitivity.accumulate  # noqa: F401
+    from paratransfer.demo.tiny import tiny_model
 
     _warm_up_runtime()
     samples = make_samples(cfg)

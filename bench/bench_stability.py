@@ -53,8 +53,8 @@ def _peak_rss() -> int:
 
 def build(root: Path) -> dict:
     """The teacher/student pair, the pool file and a micro pair for warming up."""
-    from paratransfer.demo import arithmetic_records, write_jsonl
-    from paratransfer.tiny import char_tokenizer, save_tiny, tiny_model
+    from paratransfer.demo.tiny import char_tokenizer, save_tiny, tiny_model
+    from paratransfer.demo.world import arithmetic_records, write_jsonl
 
     tok = char_tokenizer()
     paths = {}
@@ -73,9 +73,9 @@ def run_child(paths: dict, pool: int, root: Path) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from paratransfer.extract import ExtractSettings
-    from paratransfer.pipeline import SensitivitySettings
-    from paratransfer.stability import StabilitySettings, run_stability
+    from paratransfer.extract.plan import ExtractSettings
+    from paratransfer.sensitivity.step import SensitivitySettings
+    from paratransfer.stability.pool import StabilitySettings, run_stability
 
     def stability(teacher: str, student: str, n: int, out: Path, sizes=SIZES) -> dict:
         return run_stability(teacher, student, paths["pool"], out,

@@ -133,7 +133,7 @@ def generate(cfg: dict, folder: Path) -> dict:
     """Build the random teacher and write it as sharded safetensors (once; atomic rename)."""
     import torch
 
-    from paratransfer.tiny import tiny_model
+    from paratransfer.demo.tiny import tiny_model
 
     torch.set_num_threads(cfg["threads"])
     t0 = time.perf_counter()
@@ -160,14 +160,18 @@ def run_mode(mode: str, cfg: dict, folder: Path, out: Path) -> dict:
     from safetensors import safe_open  # noqa: F401
     from tqdm.auto import tqdm  # noqa: F401
 
-    from paratransfer.lazy_weights import SafetensorsWeights
-    from paratransfer.models import load_model
-    from paratransfer.sensitivity import (
+    from paratransfer.sensitivity.accumulate import (
         SensitivityWriter,
         accumulate_sensitivity,
         save_sensitivity,
     )
-    from paratransfer.stream import StreamedTeacher, sensitivity_shapes, stream_sensitivity
+    from paratransfer.sensitivity.streamed import (
+        StreamedTeacher,
+        sensitivity_shapes,
+        stream_sensitivity,
+    )
+    from paratransfer.teacher.lazy import SafetensorsWeights
+    from paratransfer.teacher.models import load_model
 
     _warm_up_runtime()
     samples = make_samples(cfg)

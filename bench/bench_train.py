@@ -55,10 +55,10 @@ def machine_info() -> dict:
 
 def build_inputs(cfg: dict, root: Path) -> dict:
     """Teacher, student, training data and the extracted adapter, all offline."""
-    from paratransfer.demo import arithmetic_records, write_jsonl
-    from paratransfer.extract import ExtractSettings
-    from paratransfer.pipeline import run_extract
-    from paratransfer.tiny import char_tokenizer, save_tiny, tiny_model
+    from paratransfer.demo.tiny import char_tokenizer, save_tiny, tiny_model
+    from paratransfer.demo.world import arithmetic_records, write_jsonl
+    from paratransfer.extract.plan import ExtractSettings
+    from paratransfer.extract.step import run_extract
 
     tok = char_tokenizer()
     teacher = save_tiny(tiny_model("llama", vocab=len(tok), hidden=cfg["teacher_hidden"],
@@ -100,8 +100,8 @@ def plain_peft_step(inputs: dict, cfg: dict):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from paratransfer.inject import read_adapter
-    from paratransfer.models import load_model, load_tokenizer
+    from paratransfer.adapter.inject import read_adapter
+    from paratransfer.teacher.models import load_model, load_tokenizer
     from paratransfer.train import batch_indices, collate, load_examples, micro_batches
 
     adapter = read_adapter(inputs["adapter"])

@@ -21,8 +21,8 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-from paratransfer.demo import arithmetic_records, write_jsonl  # noqa: E402
-from paratransfer.tiny import char_tokenizer, save_tiny, tiny_model  # noqa: E402
+from paratransfer.demo.tiny import char_tokenizer, save_tiny, tiny_model  # noqa: E402
+from paratransfer.demo.world import arithmetic_records, write_jsonl  # noqa: E402
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine two threads thrash.
 torch.set_num_threads(1)
@@ -72,8 +72,8 @@ def model_pairs(tmp_path_factory, tokenizer) -> dict[str, tuple[Path, Path]]:
 def adapters(model_pairs, seeds_file, tmp_path_factory) -> dict[str, Path]:
     """family -> adapter folder extracted from the tiny teacher for the tiny student
     (rank ADAPTER_RANK, alpha ADAPTER_ALPHA), built once per session."""
-    from paratransfer.extract import ExtractSettings
-    from paratransfer.pipeline import run_extract
+    from paratransfer.extract.plan import ExtractSettings
+    from paratransfer.extract.step import run_extract
 
     out = {}
     for family, (teacher, student) in model_pairs.items():

@@ -1,4 +1,4 @@
-"""Layer selection and structure-preserving dimension reduction (paratransfer.align)."""
+"""Layer selection and structure-preserving dimension reduction (paratransfer.extract.strategies)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paratransfer import align
-from paratransfer.align import (
+from paratransfer.extract import strategies as align
+from paratransfer.extract.strategies import (
     LAYER_SELECTORS,
     REDUCERS,
     Selection,
@@ -19,7 +19,7 @@ from paratransfer.align import (
     select_layers,
     window_sums,
 )
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
 
 # Block sizes for the float64 widening loop: 1 and 5 force many tiny blocks (the real matrices
 # are split into hundreds of blocks, test matrices would otherwise fit in one).

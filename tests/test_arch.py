@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from paratransfer.arch import ROLES, arch_for, parse_roles, supported_model_types
-from paratransfer.errors import UserError
-from paratransfer.tiny import tiny_model
+from paratransfer.demo.tiny import tiny_model
+from paratransfer.io.errors import UserError
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3"]
 FUSED = [("gpt2", "attn.c_attn"), ("gpt_neox", "attention.query_key_value"),

@@ -1,4 +1,4 @@
-"""`--svd auto`: block Krylov with a certificate (paratransfer.certified_svd), against numpy's SVD.
+"""`--svd auto`: block Krylov with a certificate (paratransfer.extract.certified_svd), against numpy's SVD.
 
 What is promised: the top-r singular values within 1e-4 (relative) of the exact ones, the
 residual ‖W − U S Vᵀ‖²_F within 1e-4 (relative) of the best rank-r residual — both down to
@@ -17,8 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paratransfer.certified_svd import MAX_BASIS, certified_svd
-from paratransfer.factorize import factorize
+from paratransfer.extract.certified_svd import MAX_BASIS, certified_svd
+from paratransfer.extract.factorize import factorize
 
 TOLERANCE = 1e-4
 SPECTRA = ("decaying", "slow", "flat", "repeated", "rank-deficient", "zero")

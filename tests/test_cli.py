@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from paratransfer.cli import main
-from paratransfer.tiny import save_tiny
+from paratransfer.cli.entry import main
+from paratransfer.demo.tiny import save_tiny
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -94,7 +94,7 @@ def test_teacher_narrower_than_student(capsys, model_pairs, seeds_file, tmp_path
 
 
 def test_teacher_narrower_but_deep_enough(capsys, model_pairs, seeds_file, tmp_path, tokenizer):
-    from paratransfer.tiny import tiny_model
+    from paratransfer.demo.tiny import tiny_model
 
     narrow = save_tiny(tiny_model("llama", vocab=len(tokenizer), hidden=24, layers=4, heads=4,
                                   kv_heads=2, mlp=48, seed=5), tokenizer, tmp_path / "narrow")

@@ -17,15 +17,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paratransfer import align, inject
+from paratransfer.adapter import inject
 from paratransfer.arch import ROLES, HeadLayout
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.errors import UserError
-from paratransfer.extract import ExtractSettings, extract, head_units, reduce_part
-from paratransfer.models import load_model
-from paratransfer.pipeline import SensitivitySettings, run_extract, run_sensitivity
-from paratransfer.sensitivity import SensitivityFile
-from paratransfer.tiny import char_tokenizer, marker_tokenizer, save_tiny, tiny_model
+from paratransfer.demo.tiny import char_tokenizer, marker_tokenizer, save_tiny, tiny_model
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.extract import strategies as align
+from paratransfer.extract.plan import ExtractSettings, extract, head_units, reduce_part
+from paratransfer.extract.step import run_extract
+from paratransfer.io.errors import UserError
+from paratransfer.sensitivity.accumulate import SensitivityFile
+from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
+from paratransfer.teacher.models import load_model
 from paratransfer.train import TrainSettings, build_lora_model, lora_targets, resolve_settings
 
 RANK, ALPHA, HEAD_DIM = 4, 8.0, 8
@@ -321,7 +323,7 @@ def test_teacher_without_gate_leaves_fused_rows_zero_or_module_out():
 def test_a_module_the_teacher_has_nothing_for_gets_the_standard_init(tmp_path):
     """GPT-NeoX has no gate: the student's gate_proj gets A random, B zero, so a transfer run
     trains the same modules as the baseline (all roles) and is unchanged at step 0."""
-    from paratransfer.adapter import write_adapter
+    from paratransfer.adapter.write import write_adapter
 
     tok = char_tokenizer()
     neox = tiny_model("gpt_neox", vocab=len(tok), hidden=24, layers=2, heads=3, mlp=48, seed=3)

@@ -1,4 +1,4 @@
-"""Tests for paratransfer.data: record shapes, prompt text, answer-only labels, errors."""
+"""Tests for paratransfer.tasks.examples: record shapes, prompt text, answer-only labels, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paratransfer.data import (
+from paratransfer.demo.tiny import char_tokenizer
+from paratransfer.io.errors import UserError
+from paratransfer.tasks.examples import (
     CONVERTERS,
     PROMPT_FORMATS,
     Example,
@@ -23,8 +25,6 @@ from paratransfer.data import (
     render,
     tokenize_example,
 )
-from paratransfer.errors import UserError
-from paratransfer.tiny import char_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from paratransfer.cli import main
+from paratransfer.cli.entry import main
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -6,7 +6,7 @@ import json
 import random
 import re
 
-from paratransfer.demo import (
+from paratransfer.demo.world import (
     DEMO_RECIPE,
     arithmetic_records,
     demo_recipe,
@@ -14,7 +14,7 @@ from paratransfer.demo import (
     two_step,
     write_jsonl,
 )
-from paratransfer.recipe import load_recipe
+from paratransfer.experiment.recipe import load_recipe
 
 
 def test_two_step_answers_are_correct_and_deterministic():
@@ -51,8 +51,8 @@ def test_demo_recipe_validates(tmp_path):
 
 def test_demo_never_empties_a_folder_that_is_not_a_demo_run(tmp_path, monkeypatch, capsys):
     """`demo --out DIR` on someone's folder is refused before any work (it used to empty it)."""
-    import paratransfer.demo as demo
-    from paratransfer.cli import main
+    import paratransfer.demo.world as demo
+    from paratransfer.cli.entry import main
 
     def no_work(*args, **kwargs):
         raise AssertionError("the demo started working on a folder it must refuse")
@@ -78,7 +78,7 @@ def test_world_is_the_same_on_every_build_and_thread_count(tmp_path):
     """A reduced world built twice, under 1 and 2 threads: the same files, byte for byte."""
     import torch
 
-    from paratransfer.demo import WorldSpec, build_world
+    from paratransfer.demo.world import WorldSpec, build_world
 
     spec = WorldSpec(teacher=dict(hidden=16, layers=2, heads=2, kv_heads=1, mlp=32, seed=1),
                      student=dict(hidden=8, layers=1, heads=2, kv_heads=1, mlp=16, seed=2),

@@ -10,11 +10,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.errors import UserError
-from paratransfer.experiment import run_experiment
-from paratransfer.recipe import load_recipe
-from paratransfer.tiny import marker_tokenizer, save_tiny, tiny_model
+from paratransfer.demo.tiny import marker_tokenizer, save_tiny, tiny_model
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.experiment.recipe import load_recipe
+from paratransfer.experiment.runner import run_experiment
+from paratransfer.io.errors import UserError
 from paratransfer.train import TrainSettings, run_train
 from paratransfer.train.objectives import kl_sum
 

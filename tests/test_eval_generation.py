@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from paratransfer.demo.tiny import tiny_model
 from paratransfer.evaluate.generation import (
     choice_logprobs,
     continuation_ids,
@@ -15,7 +16,6 @@ from paratransfer.evaluate.generation import (
     greedy_token_ids,
     length_batches,
 )
-from paratransfer.tiny import tiny_model
 from tolerances import assert_floats_close, decisive_margin
 
 PROMPTS = [

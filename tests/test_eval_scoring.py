@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_data
-from paratransfer.data import example_from_record, read_examples, render
-from paratransfer.errors import UserError
 from paratransfer.evaluate import TASKS, get_task, gsm, mmlu, super_ni
 from paratransfer.evaluate import open as open_task
 from paratransfer.evaluate.run import (
@@ -20,6 +18,8 @@ from paratransfer.evaluate.run import (
     prompts_for,
     summarize,
 )
+from paratransfer.io.errors import UserError
+from paratransfer.tasks.examples import example_from_record, read_examples, render
 
 
 def chat(user: str, assistant: str, **extra) -> dict:

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from paratransfer.cli import main
-from paratransfer.data import tokenize_example
-from paratransfer.errors import UserError
+from paratransfer.cli.entry import main
+from paratransfer.demo.tiny import save_tiny, tiny_model
 from paratransfer.evaluate import get_task
 from paratransfer.evaluate import open as open_task
 from paratransfer.evaluate.generation import pad
 from paratransfer.evaluate.run import EvalSettings, load_items, run_evaluate
-from paratransfer.tiny import save_tiny, tiny_model
+from paratransfer.io.errors import UserError
+from paratransfer.tasks.examples import tokenize_example
 from tolerances import assert_floats_close, decisive_margin
 
 
@@ -295,9 +295,9 @@ def test_adapter_on_a_tied_student_is_what_merge_writes(model_pairs, adapters, t
                                                         tmp_path):
     """GPT-2 ties its head to the embedding: the adapter's embedding LoRA must not change the
     head. Evaluating with --adapter computes exactly what the merged folder computes."""
+    from paratransfer.adapter.merge import run_merge
     from paratransfer.evaluate.run import load_evaluated_model
-    from paratransfer.merge import run_merge
-    from paratransfer.models import load_model
+    from paratransfer.teacher.models import load_model
 
     student, adapter = model_pairs["gpt2"][1], adapters["gpt2"]
     run_merge(str(student), adapter, tmp_path / "merged")

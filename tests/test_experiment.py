@@ -11,11 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.errors import UserError
-from paratransfer.experiment import run_experiment
-from paratransfer.recipe import load_recipe
-from paratransfer.results import paired_interval
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.experiment.recipe import load_recipe
+from paratransfer.experiment.results import paired_interval
+from paratransfer.experiment.runner import run_experiment
+from paratransfer.io.errors import UserError
 from tolerances import tolerance
 
 
@@ -187,7 +187,7 @@ def test_control_arms_contrasts_and_heldout_curves(tiny_recipe, tmp_path):
 
 
 def test_contrast_sentences_say_what_the_interval_says():
-    from paratransfer.results import sentence
+    from paratransfer.experiment.results import sentence
 
     above = paired_interval([0.5, 0.6, 0.7], [0.3, 0.35, 0.45])
     below = paired_interval([0.3, 0.35, 0.45], [0.5, 0.6, 0.7])

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from paratransfer.arch import arch_for
-from paratransfer.extract import ExtractSettings
-from paratransfer.models import load_model
-from paratransfer.pipeline import SensitivitySettings, run_extract, run_sensitivity
-from paratransfer.sensitivity import SensitivityFile
+from paratransfer.extract.plan import ExtractSettings
+from paratransfer.extract.step import run_extract
+from paratransfer.sensitivity.accumulate import SensitivityFile
+from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
+from paratransfer.teacher.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Rank-r LoRA factors of a teacher block (paratransfer.factorize)."""
+"""Rank-r LoRA factors of a teacher block (paratransfer.extract.factorize)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paratransfer.errors import UserError
-from paratransfer.factorize import FACTORIZERS, Factors, factorize
+from paratransfer.extract.factorize import FACTORIZERS, Factors, factorize
+from paratransfer.io.errors import UserError
 
 
 def truncated_svd(w: torch.Tensor, rank: int) -> tuple[np.ndarray, np.ndarray]:

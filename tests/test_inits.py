@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import ADAPTER_RANK
-from paratransfer import inject
+from paratransfer.adapter import inject
 from paratransfer.arch import arch_for
-from paratransfer.data import load_tokenized
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.models import load_model
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.tasks.examples import load_tokenized
+from paratransfer.teacher.models import load_model
 from paratransfer.train import (
     INITS,
     TrainSettings,
@@ -82,7 +82,7 @@ def test_plain_lora_export_equals_merged_and_live_model(init, family, model_pair
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from paratransfer.merge import run_merge
+    from paratransfer.adapter.merge import run_merge
 
     student_dir = model_pairs[family][1]
     out = tmp_path / "run"

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ADAPTER_ALPHA, ADAPTER_RANK
-from paratransfer import data, inject
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.models import load_model
+from paratransfer.adapter import inject
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.tasks import examples as data
+from paratransfer.teacher.models import load_model
 from paratransfer.train import TrainSettings, build_lora_model, lora_targets
 from tolerances import logits
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.experiment import run_experiment
-from paratransfer.recipe import load_recipe
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.experiment.recipe import load_recipe
+from paratransfer.experiment.runner import run_experiment
 from paratransfer.train import TrainSettings, run_train
 
 SETTINGS = dict(lr=1e-2, batch_size=2, micro_batch_size=2, max_length=160, max_steps=6,

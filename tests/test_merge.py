@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from paratransfer.cli import main
-from paratransfer.models import load_model
+from paratransfer.cli.entry import main
+from paratransfer.teacher.models import load_model
 from tolerances import logits
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paratransfer.cli import main
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.errors import UserError
+from paratransfer.cli.entry import main
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.io.errors import UserError
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -90,7 +90,7 @@ def test_overwrite_never_replaces_an_input(capsys, inputs, tmp_path):
 
 
 def test_inputs_compared_through_symlinks(tmp_path):
-    from paratransfer.outputs import check_not_an_input
+    from paratransfer.io.outputs import check_not_an_input
 
     (tmp_path / "model").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "model")
@@ -132,7 +132,7 @@ def _unwritable(tmp_path: Path) -> Path:
 
 
 def test_unwritable_output_refused_before_any_work(capsys, inputs, tmp_path, monkeypatch):
-    import paratransfer.pipeline as pipeline
+    import paratransfer.extract.step as pipeline
 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
@@ -151,7 +151,7 @@ def test_unwritable_output_refused_before_any_work(capsys, inputs, tmp_path, mon
 
 
 def test_second_train_on_the_same_output_is_refused(capsys, inputs, tmp_path):
-    from paratransfer.outputs import output_lock
+    from paratransfer.io.outputs import output_lock
 
     out = tmp_path / "run"
     with output_lock(out):  # as a first `train` holds it while it runs
@@ -166,7 +166,7 @@ def test_second_train_on_the_same_output_is_refused(capsys, inputs, tmp_path):
 
 
 def test_temporaries_of_killed_runs_are_removed_next_time(capsys, inputs, tmp_path):
-    from paratransfer.outputs import clean_stale, stale
+    from paratransfer.io.outputs import clean_stale, stale
 
     gone, mine = dead_pid(), os.getpid()
     out = tmp_path / "adapter-out"
@@ -231,8 +231,8 @@ def _without_timing(folder: Path) -> dict[str, object]:
 
 
 def test_identical_runs_write_identical_folders(inputs, tmp_path):
-    from paratransfer.extract import ExtractSettings
-    from paratransfer.pipeline import run_extract
+    from paratransfer.extract.plan import ExtractSettings
+    from paratransfer.extract.step import run_extract
     from paratransfer.train import TrainSettings, run_train
 
     settings = TrainSettings(max_steps=3, batch_size=2, micro_batch_size=2, max_length=160,

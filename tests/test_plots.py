@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from paratransfer.extract import ExtractSettings
-from paratransfer.pipeline import SensitivitySettings, run_extract, run_sensitivity
-from paratransfer.plots import plot_sensitivity, role_sensitivity
-from paratransfer.sensitivity import SensitivityFile
+from paratransfer.experiment.plots import plot_sensitivity, role_sensitivity
+from paratransfer.extract.plan import ExtractSettings
+from paratransfer.extract.step import run_extract
+from paratransfer.sensitivity.accumulate import SensitivityFile
+from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

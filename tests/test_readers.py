@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from paratransfer.cli import main
-from paratransfer.errors import UserError
+from paratransfer.cli.entry import main
+from paratransfer.io.errors import UserError
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -27,7 +27,7 @@ def truncate(path: Path, keep: int) -> Path:
 def damaged(model_pairs, adapters, seeds_file, tmp_path) -> dict[str, Path]:
     """A student whose weights file lost its end, an adapter whose tensors file lost its end
     (and one whose header is cut), and a sensitivity file cut short."""
-    from paratransfer.pipeline import SensitivitySettings, run_sensitivity
+    from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
 
     student = Path(shutil.copytree(model_pairs["llama"][1], tmp_path / "student"))
     truncate(student / "model.safetensors", 20000)
@@ -79,7 +79,7 @@ def test_damaged_safetensors_in_every_command(capsys, damaged, model_pairs, seed
 
 
 def test_header_checks(tmp_path):
-    from paratransfer.readers import read_json, safetensors_header
+    from paratransfer.io.readers import read_json, safetensors_header
 
     good = tmp_path / "good.safetensors"
     import torch

@@ -19,24 +19,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paratransfer import data
 from paratransfer.arch import arch_for
-from paratransfer.errors import UserError
-from paratransfer.lazy_weights import SafetensorsWeights
-from paratransfer.models import fingerprint, load_model, load_tokenizer
-from paratransfer.pipeline import SensitivitySettings, run_sensitivity
-from paratransfer.sensitivity import (
+from paratransfer.io.errors import UserError
+from paratransfer.sensitivity.accumulate import (
     SensitivityFile,
     SensitivityWriter,
     accumulate_sensitivity,
 )
-from paratransfer.stream import (
+from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
+from paratransfer.sensitivity.streamed import (
     ActivationStore,
     StreamedTeacher,
     stream_sensitivity,
     streamed_sensitivity,
 )
-from paratransfer.weights import TeacherWeights
+from paratransfer.tasks import examples as data
+from paratransfer.teacher.lazy import SafetensorsWeights
+from paratransfer.teacher.models import fingerprint, load_model, load_tokenizer
+from paratransfer.teacher.weights import TeacherWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def in_memory(teacher_dir, seeds_file):
 # same rendezvous port inside one launch can hang).
 DDP_SCRIPT = """
 import sys
-from paratransfer.cli import main
+from paratransfer.cli.entry import main
 teacher, seeds, out, name = sys.argv[1:5]
 common = ["sensitivity", "--teacher", teacher, "--seeds", seeds, "--quiet"]
 assert main([*common, "--out", out + "/" + name, *sys.argv[5:]]) == 0
@@ -183,7 +183,7 @@ def test_streamed_matches_in_memory(family, sharded_teachers, seeds_file, tmp_pa
 
 def test_streamed_gpt_neox_reads_renamed_head(seeds_file, tokenizer, tmp_path):
     """GPT-NeoX checkpoints store the head as `embed_out`; transformers 5.x renames it."""
-    from paratransfer.tiny import tiny_model
+    from paratransfer.demo.tiny import tiny_model
 
     model = tiny_model("gpt_neox", vocab=len(tokenizer), hidden=48, layers=2, heads=6, mlp=96,
                        seed=5)
@@ -329,7 +329,7 @@ def test_sensitivity_writer_in_any_order(tmp_path):
 
 
 def test_cli_refuses_conflicting_flags(model_pairs, seeds_file, tmp_path, capsys):
-    from paratransfer.cli import main
+    from paratransfer.cli.entry import main
 
     base = ["sensitivity", "--teacher", str(model_pairs["llama"][0]), "--seeds", str(seeds_file),
             "--out", str(tmp_path / "s.safetensors"), "--quiet"]
@@ -346,8 +346,8 @@ def test_cli_refuses_conflicting_flags(model_pairs, seeds_file, tmp_path, capsys
 def test_extract_reads_a_local_teacher_lazily(sharded_teachers, model_pairs, seeds_file,
                                               tmp_path, monkeypatch):
     """With a sensitivity file, run_extract reads the teacher from its files, same adapter."""
-    from paratransfer import pipeline
-    from paratransfer.extract import ExtractSettings
+    from paratransfer.extract import step as pipeline
+    from paratransfer.extract.plan import ExtractSettings
 
     teacher = str(sharded_teachers["llama"])
     student = str(model_pairs["llama"][1])
@@ -369,7 +369,7 @@ def test_extract_reads_a_local_teacher_lazily(sharded_teachers, model_pairs, see
     lazy = pipeline.run_extract(teacher, student, tmp_path / "lazy", settings,
                                 sensitivity_path=sens, progress=False)
     assert loaded == [student]  # the teacher was never loaded whole
-    monkeypatch.setattr("paratransfer.lazy_weights.has_safetensors", lambda _: False)
+    monkeypatch.setattr("paratransfer.teacher.lazy.has_safetensors", lambda _: False)
     whole = pipeline.run_extract(teacher, student, tmp_path / "whole", settings,
                                  sensitivity_path=sens, progress=False)
     assert loaded == [student, teacher, student]

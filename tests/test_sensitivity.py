@@ -6,10 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from paratransfer import data
-from paratransfer.models import load_model
-from paratransfer.pipeline import SensitivitySettings, run_sensitivity
-from paratransfer.sensitivity import SensitivityFile, accumulate_sensitivity, layer_scores, sum64
+from paratransfer.sensitivity.accumulate import (
+    SensitivityFile,
+    accumulate_sensitivity,
+    layer_scores,
+    sum64,
+)
+from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
+from paratransfer.tasks import examples as data
+from paratransfer.teacher.models import load_model
 
 
 def naive_sensitivity(model, samples) -> dict[str, torch.Tensor]:
@@ -94,7 +99,7 @@ def test_sum64_is_the_float64_sum(dtype, shape):
 
 
 def test_existing_output_refused_before_work(model_pairs, seeds_file, tmp_path):
-    from paratransfer.errors import UserError
+    from paratransfer.io.errors import UserError
 
     out = tmp_path / "sens.safetensors"
     out.write_text("keep me")
@@ -105,7 +110,7 @@ def test_existing_output_refused_before_work(model_pairs, seeds_file, tmp_path):
 
 
 def teacher_tokenizer(path):
-    from paratransfer.models import load_tokenizer
+    from paratransfer.teacher.models import load_tokenizer
 
     return load_tokenizer(path)
 

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import shared_data
-from paratransfer.data import read_examples
-from paratransfer.errors import UserError
 from paratransfer.evaluate import get_task
+from paratransfer.io.errors import UserError
 from paratransfer.sources import DataSettings, build_data
 from paratransfer.sources.build import _lowest
 from paratransfer.sources.formats import GSM, LIMA, MMLU, SUPER_NI, BadRow, gsm_answer
+from paratransfer.tasks.examples import read_examples
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,21 +15,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import shared_data
-from paratransfer.cli import main
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.errors import UserError
-from paratransfer.extract import ExtractSettings
-from paratransfer.models import load_model
-from paratransfer.pipeline import SensitivitySettings, run_extract, run_sensitivity
-from paratransfer.sensitivity import SensitivityFile
-from paratransfer.stability import StabilitySettings, compute_pool, draw_subsets, run_stability
-from paratransfer.stability_figures import (
+from paratransfer.cli.entry import main
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.extract.plan import ExtractSettings
+from paratransfer.extract.step import run_extract
+from paratransfer.io.errors import UserError
+from paratransfer.sensitivity.accumulate import SensitivityFile
+from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
+from paratransfer.stability.figures import (
     chance_window_iou,
     jaccard,
     orthonormal_basis,
     subspace_similarity,
     window_iou,
 )
+from paratransfer.stability.pool import StabilitySettings, compute_pool, draw_subsets, run_stability
+from paratransfer.teacher.models import load_model
 from tolerances import tolerance
 
 FAMILIES = ("embed", "q", "k", "v", "o", "gate", "up", "down", "head")
@@ -59,7 +60,7 @@ def test_subset_sensitivity_is_the_directly_computed_sensitivity(model_pairs, tm
                          {"role": "assistant", "content": "Answer: 1."}]}
     pool_file = write_jsonl(tmp_path / "pool.jsonl", records[:2] + [long] + records[2:])
     settings = SensitivitySettings(max_length=200)
-    from paratransfer.stability import _pool_samples
+    from paratransfer.stability.pool import _pool_samples
 
     samples = _pool_samples(teacher_dir, pool_file, settings)
     (tmp_path / "work").mkdir()
@@ -135,8 +136,8 @@ def test_a_draw_chooses_what_extract_chooses_from_those_seeds(model_pairs, seeds
     """The oracle: `paratransfer extract` run on a draw's seeds (its own sensitivity, computed
     directly) selects the same layers and the same windows as the draw, wherever the direct
     choice is clear of rounding."""
-    from paratransfer.align import window_sums
     from paratransfer.arch import arch_for
+    from paratransfer.extract.strategies import window_sums
 
     teacher, student = model_pairs["llama"]
     spec_of = {m.path: m for m in arch_for(load_model(str(teacher))).modules()}
@@ -352,7 +353,7 @@ def recipe_file(tmp_path: Path, pair, seeds: Path, **extra) -> Path:
     ({"draws": -1}, "stability: --draws: must be at least 1"),
 ])
 def test_recipe_stability_is_checked_before_work(model_pairs, seeds_file, tmp_path, value, needle):
-    from paratransfer.recipe import load_recipe
+    from paratransfer.experiment.recipe import load_recipe
 
     with pytest.raises(UserError, match=f"recipe.yaml: {needle}".replace("(", r"\(")):
         load_recipe(recipe_file(tmp_path, model_pairs["llama"], seeds_file, stability=value))
@@ -362,8 +363,8 @@ def test_recipe_stability_is_checked_before_work(model_pairs, seeds_file, tmp_pa
 
 
 def test_run_writes_the_report_beside_the_results(model_pairs, seeds_file, tmp_path):
-    from paratransfer.experiment import run_experiment
-    from paratransfer.recipe import load_recipe
+    from paratransfer.experiment.recipe import load_recipe
+    from paratransfer.experiment.runner import run_experiment
 
     recipe = load_recipe(recipe_file(tmp_path, model_pairs["llama"], seeds_file,
                                      stability={"sizes": [2, 4], "draws": 2, "seed": 3}))

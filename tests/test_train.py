@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ADAPTER_ALPHA, ADAPTER_RANK
-from paratransfer.cli import main
-from paratransfer.data import IGNORE_INDEX
-from paratransfer.demo import arithmetic_records, write_jsonl
-from paratransfer.models import load_model
+from paratransfer.cli.entry import main
+from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.tasks.examples import IGNORE_INDEX
+from paratransfer.teacher.models import load_model
 from paratransfer.train import (
     TrainSettings,
     answer_loss_sum,
@@ -45,7 +45,7 @@ def train_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> torch.Tensor:
-    from paratransfer.data import load_tokenized
+    from paratransfer.tasks.examples import load_tokenized
 
     path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm" / "sample_gsm.jsonl"
     if path.exists():
@@ -126,7 +126,7 @@ def test_adapter_merged_and_in_memory_models_agree(family, model_pairs, adapters
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from paratransfer.merge import run_merge
+    from paratransfer.adapter.merge import run_merge
 
     student_dir = model_pairs[family][1]
     out = tmp_path / "run"
@@ -312,7 +312,7 @@ def test_heldout_loss_is_recorded_at_the_requested_steps_and_falls(model_pairs, 
     assert scored.summary["heldout"]["examples"] == 6
 
     # Step 0 is the untrained student's own answer-only loss on those examples (oracle).
-    from paratransfer.models import load_tokenizer
+    from paratransfer.teacher.models import load_tokenizer
 
     examples, _ = load_examples(heldout, load_tokenizer(student), "tulu", 160)
     batch = collate(examples, list(range(len(examples))), 1)
@@ -478,7 +478,7 @@ def test_tied_head_keeps_its_weight_as_the_report_says(model_pairs, adapters, tr
                                                        tmp_path):
     """GPT-2's head is tied to its embedding: training adapts the input embedding only, the
     merged model's head is the original one, and `skipped` says exactly that."""
-    from paratransfer.merge import merged_model
+    from paratransfer.adapter.merge import merged_model
 
     student = str(model_pairs["gpt2"][1])
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Vocabulary alignment (paratransfer.vocab): every shared token of a constructed pair of
+"""Vocabulary alignment (paratransfer.extract.vocab): every shared token of a constructed pair of
 tokenizers maps to the right teacher token, and the coverage figure is right."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paratransfer.tiny import char_tokenizer, marker_tokenizer
-from paratransfer.vocab import (
+from paratransfer.demo.tiny import char_tokenizer, marker_tokenizer
+from paratransfer.extract.vocab import (
     align_vocab_maps,
     align_vocabularies,
     byte_decoder,

@@ -2,6 +2,6 @@
 
 import sys
 
-from paratransfer.cli import main
+from paratransfer.cli.entry import main
 
 sys.exit(main())

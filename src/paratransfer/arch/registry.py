@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from paratransfer.arch.spec import ArchSpec
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
 
 _REGISTRY: list[ArchSpec] = []
 

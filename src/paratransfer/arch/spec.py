@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
 
 ROLES: tuple[str, ...] = ("embed", "q", "k", "v", "o", "gate", "up", "down", "head")
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {

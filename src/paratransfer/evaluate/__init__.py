@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from paratransfer.data import Example
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
+from paratransfer.tasks.examples import Example
 
 
 class BadExample(Exception):

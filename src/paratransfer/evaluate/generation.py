@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -89,7 +89,7 @@ def _device(model) -> torch.device:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from paratransfer.console import progress as progress_bar
+    from paratransfer.io.console import progress as progress_bar
 
     return progress_bar(total=total, desc=desc, unit="ex", enabled=enabled)
 

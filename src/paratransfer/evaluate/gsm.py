@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from paratransfer.data import Example
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, last_user, with_turns
+from paratransfer.tasks.examples import Example
 
 INSTRUCTION = "Answer the following question.\n\n"
 INSTRUCTION_SHOTS = "Answer the following questions.\n\n"

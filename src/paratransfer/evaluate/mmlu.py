@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 
-from paratransfer.data import Example
 from paratransfer.evaluate import (
     BadExample,
     Item,
@@ -22,6 +21,7 @@ from paratransfer.evaluate import (
     last_user,
     with_turns,
 )
+from paratransfer.tasks.examples import Example
 
 LETTERS = ("A", "B", "C", "D")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from paratransfer.data import Example, render
 from paratransfer.evaluate import Item, Task, super_ni
+from paratransfer.tasks.examples import Example, render
 
 JUDGE_PROMPT = (
     "You are comparing two responses to the same instruction. Decide which response follows "

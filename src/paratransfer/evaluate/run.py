@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from paratransfer import __version__, data
-from paratransfer.errors import UserError
+from paratransfer import __version__
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
-from paratransfer.models import load_model, load_tokenizer, model_label
-from paratransfer.outputs import atomic_dir, check_output_path, write_json
+from paratransfer.io.errors import UserError
+from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
+from paratransfer.tasks import examples as data
+from paratransfer.teacher.models import load_model, load_tokenizer, model_label
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -161,8 +162,8 @@ def load_evaluated_model(model_id: str, adapter: str | Path | None, dtype: torch
     and evaluating the merged folder give the same metrics, and generation pays nothing for
     separate LoRA matrices. Models that are not causal (BERT) are refused.
     """
-    from paratransfer.merge import merged_model
-    from paratransfer.models import check_causal
+    from paratransfer.adapter.merge import merged_model
+    from paratransfer.teacher.models import check_causal
 
     if adapter is None:
         model = load_model(model_id, dtype=dtype, device=device)
@@ -243,7 +244,7 @@ def fit_to_context(task: Task, plain: list[Item], items: list[Item], settings: E
         used.append(k)
     trimmed = sum(k < settings.shots for k in used)
     if trimmed and say:
-        from paratransfer.console import notice
+        from paratransfer.io.console import notice
 
         notice(f"{trimmed} of {len(used)} prompts got fewer than --shots {settings.shots} worked "
                f"examples to fit the model's context of {context} tokens (predictions.jsonl: shots)")
@@ -326,7 +327,7 @@ def judge_rows(task: Task, judge: str, items: list[Item], outputs: list[str],
                reference_outputs: list[str], settings: EvalSettings, dtype: torch.dtype,
                device: torch.device | str, progress: bool) -> list[dict[str, Any]]:
     """The judge's verdicts per item (see the task's `compare`)."""
-    from paratransfer.models import check_causal
+    from paratransfer.teacher.models import check_causal
 
     judge_model = load_model(judge, dtype=dtype, device=device)
     check_causal(judge_model, judge)

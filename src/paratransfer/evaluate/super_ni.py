@@ -14,8 +14,8 @@ import functools
 import re
 import string
 
-from paratransfer.data import Example
 from paratransfer.evaluate import BadExample, Item, Task, last_user
+from paratransfer.tasks.examples import Example
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, any script

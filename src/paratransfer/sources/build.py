@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paratransfer.data import example_from_record, file_digest
-from paratransfer.errors import UserError
-from paratransfer.outputs import atomic_dir, check_output_path, write_json
+from paratransfer.io.errors import UserError
+from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
 from paratransfer.sources.formats import BadRow, TaskFormat, get_format, parse_columns
 from paratransfer.sources.loading import Source, load_source, pick_split
+from paratransfer.tasks.examples import example_from_record, file_digest
 
 RULE = ("train = the --train-count rows of the training split with the lowest "
         "SHA-256('SEED:train:SPLIT:ROW'), in that order; seeds = the first --seeds-count of them "

@@ -3,7 +3,7 @@
 A `TaskFormat` names the fields it reads, each with the column it is read from by default
 (`--columns FIELD=COLUMN` reads it from another), the conversation it writes, and where its data
 usually lives on the Hugging Face hub. Records are `{"dataset", "id", "messages"}` (MMLU adds
-`category`), the shape `paratransfer.data` reads and `paratransfer.evaluate` scores.
+`category`), the shape `paratransfer.tasks.examples` reads and `paratransfer.evaluate` scores.
 
 Hub ids, configs, splits and columns, checked against each dataset's card on the hub (and, for
 Super-NI and LIMA, code that loads them with `datasets`):
@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from paratransfer.errors import UserError
 from paratransfer.evaluate.gsm import INSTRUCTION as GSM_INSTRUCTION
 from paratransfer.evaluate.mmlu import LETTERS, header_for
+from paratransfer.io.errors import UserError
 
 
 class BadRow(Exception):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
 
 #: Data-file suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

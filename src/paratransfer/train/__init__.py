@@ -2,7 +2,7 @@
 
 Every arm runs every line here; they differ only in `setup.init_lora`: the standard arm keeps
 PEFT's default init (A random, B zero), the transfer arm loads the extracted factors and
-subtracts them from the base weights (`inject.py`).
+subtracts them from the base weights (`adapter/inject.py`).
 
 The parts, in the order a run meets them:
     settings.py     TrainSettings: every choice, the paper's defaults
@@ -20,7 +20,7 @@ transfer run, r for a standard run), `train.json`, `loss.png`, `initial/` (the a
 was after the init) and `checkpoints/step-NNNNNN/` (the last few).
 """
 
-from paratransfer.distributed import Dist, start_distributed, sum_across_processes
+from paratransfer.io.distributed import Dist, start_distributed, sum_across_processes
 from paratransfer.train.batches import (
     Example,
     answer_loss_sum,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -72,7 +72,7 @@ class Example:
 def load_examples(path: str | Path, tokenizer, prompt_format: str,
                   max_length: int) -> tuple[list[Example], int]:
     """Tokenize the training file; examples whose answer was cut off are dropped (counted)."""
-    from paratransfer.data import IGNORE_INDEX, load_tokenized
+    from paratransfer.tasks.examples import IGNORE_INDEX, load_tokenized
 
     examples, dropped = [], 0
     for tokens in load_tokenized(path, tokenizer, prompt_format, max_length):
@@ -90,7 +90,7 @@ def load_examples(path: str | Path, tokenizer, prompt_format: str,
 
 def collate(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
-    from paratransfer.data import IGNORE_INDEX
+    from paratransfer.tasks.examples import IGNORE_INDEX
 
     rows = [examples[i] for i in indices]
     width = max(len(r.input_ids) for r in rows)
@@ -105,7 +105,7 @@ def collate(examples: list[Example], indices: list[int], pad_id: int) -> dict[st
 
 def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the answer tokens (fp32)."""
-    from paratransfer.data import IGNORE_INDEX
+    from paratransfer.tasks.examples import IGNORE_INDEX
 
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                            labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

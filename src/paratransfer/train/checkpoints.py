@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from paratransfer.errors import UserError
-from paratransfer.outputs import atomic_dir, scratch_dir, write_json
+from paratransfer.io.errors import UserError
+from paratransfer.io.outputs import atomic_dir, scratch_dir, write_json
 from paratransfer.train.state import Run
 
 CHECKPOINTS = "checkpoints"
@@ -26,8 +26,8 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 
 def checkpoint_problem(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be trusted (None when it is intact)."""
-    from paratransfer.data import file_digest
-    from paratransfer.readers import read_json, safetensors_header
+    from paratransfer.io.readers import read_json, safetensors_header
+    from paratransfer.tasks.examples import file_digest
 
     try:
         info = read_json(folder / STATE, "a checkpoint's state")
@@ -65,7 +65,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
     """LoRA factors, AdamW state (tensors) and the rest (JSON), written atomically."""
     from safetensors.torch import save_file
 
-    from paratransfer.data import file_digest
+    from paratransfer.tasks.examples import file_digest
 
     tensors = {f"param.{n}": p.detach().cpu().clone().contiguous() for n, p in run.trainable}
     state = run.optimizer.state_dict()
@@ -104,7 +104,7 @@ def _discard(folder: Path) -> None:
 
 def restore_checkpoint(run: Run, folder: Path) -> None:
     """Load a checkpoint into the run, after checking it belongs to the same settings and data."""
-    from paratransfer.readers import load_tensors, read_json
+    from paratransfer.io.readers import load_tensors, read_json
 
     info = read_json(folder / STATE, "a checkpoint's state")
     _check_same_run(info["meta"], run.meta, folder)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from paratransfer.distributed import sum_across_processes
+from paratransfer.io.distributed import sum_across_processes
 from paratransfer.train.batches import answer_loss_sum, collate, micro_batches
 from paratransfer.train.state import Run
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paratransfer.inject import (
+from paratransfer.adapter.inject import (
     ADAPTER_NAME,
     AdapterFiles,
     _base_layer,

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from paratransfer.distributed import sum_across_processes
+from paratransfer.io.distributed import sum_across_processes
 from paratransfer.train.batches import (
     _mix,
     batch_digest,
@@ -98,7 +98,7 @@ def check_finite(run: Run, step: int, what: str, value: float | list[torch.Tenso
     this step is saved, the last checkpoint stays the last good state."""
     import math
 
-    from paratransfer.errors import UserError
+    from paratransfer.io.errors import UserError
     from paratransfer.train.checkpoints import last_checkpoint
 
     if isinstance(value, float):
@@ -116,7 +116,7 @@ def check_finite(run: Run, step: int, what: str, value: float | list[torch.Tenso
 
 def train(run: Run, progress: bool, stop_after: int | None) -> bool:
     """The loop: steps from where the run stands, checkpoints; True when all steps are done."""
-    from paratransfer.console import progress as progress_bar
+    from paratransfer.io.console import progress as progress_bar
 
     s = run.settings
     end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)

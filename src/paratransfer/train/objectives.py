@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from paratransfer.data import IGNORE_INDEX
-from paratransfer.errors import UserError
+from paratransfer.io.errors import UserError
+from paratransfer.tasks.examples import IGNORE_INDEX
 from paratransfer.train.batches import answer_loss_sum
 
 
@@ -84,7 +84,7 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_id: str)
 def load_distillation(teacher_id: str, student_tokenizer, weight: float, temperature: float,
                       dtype: torch.dtype, device: torch.device) -> Distillation:
     """The teacher, loaded in its own dtype on the training device, and the objective."""
-    from paratransfer.models import load_model, load_tokenizer
+    from paratransfer.teacher.models import load_model, load_tokenizer
 
     vocab = check_same_vocabulary(load_tokenizer(teacher_id), student_tokenizer, teacher_id)
     teacher = load_model(teacher_id, dtype=dtype, device=device)

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from paratransfer.outputs import atomic_dir, follow_umask, scratch_dir, write_json
+from paratransfer.io.outputs import atomic_dir, follow_umask, scratch_dir, write_json
 from paratransfer.train.checkpoints import CHECKPOINTS
 from paratransfer.train.inits import INITS
 from paratransfer.train.state import Run
@@ -53,8 +53,8 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
 
 def save_outputs(run: Run, info: dict) -> None:
     """Write the plain LoRA adapter, train.json and loss.png into RUN_DIR (rank 0, atomically)."""
-    from paratransfer.adapter import canonical_adapter_config
-    from paratransfer.inject import INITIAL_NAME, save_plain_lora
+    from paratransfer.adapter.inject import INITIAL_NAME, save_plain_lora
+    from paratransfer.adapter.write import canonical_adapter_config
 
     tmp = scratch_dir(run.out, "final")
     try:
@@ -81,8 +81,8 @@ def prepare_output(run: Run) -> None:
     What an earlier, abandoned attempt left there (an interrupted `--overwrite` that was not
     resumed) goes first.
     """
-    from paratransfer.adapter import canonical_adapter_config
-    from paratransfer.inject import INITIAL_NAME
+    from paratransfer.adapter.inject import INITIAL_NAME
+    from paratransfer.adapter.write import canonical_adapter_config
 
     if run.out.exists():
         shutil.rmtree(run.out)

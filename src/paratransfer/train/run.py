@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from paratransfer.distributed import start_distributed
-from paratransfer.outputs import (
+from paratransfer.io.distributed import start_distributed
+from paratransfer.io.outputs import (
     absolute,
     check_not_an_input,
     check_writable,
@@ -53,7 +53,7 @@ def run_train(student_id: str, data_path: str | Path, out: str | Path,
     checked, and an existing output (`overwrite`) is replaced only once the new run is
     complete.
     """
-    from paratransfer.devices import pick_device, pick_dtype
+    from paratransfer.io.devices import pick_device, pick_dtype
 
     settings = settings or TrainSettings()
     out = absolute(out)

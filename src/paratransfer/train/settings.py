@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from paratransfer.checks import finite_number, whole_number
-from paratransfer.errors import UserError
+from paratransfer.io.checks import finite_number, whole_number
+from paratransfer.io.errors import UserError
 from paratransfer.train.inits import INITS
 
 #: Settings that may differ between a run and its resumption (they do not change the result).
@@ -45,7 +45,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         from paratransfer.arch import parse_roles
-        from paratransfer.data import PROMPT_FORMATS
+        from paratransfer.tasks.examples import PROMPT_FORMATS
 
         if self.init not in INITS:
             raise UserError(f"--init: {self.init!r} is not known (expected one of: {', '.join(INITS)})")

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from paratransfer import __version__
-from paratransfer.distributed import Dist
-from paratransfer.errors import UserError
+from paratransfer.io.distributed import Dist
+from paratransfer.io.errors import UserError
 from paratransfer.train.batches import load_examples, steps_per_epoch
 from paratransfer.train.checkpoints import CHECKPOINTS, last_checkpoint, restore_checkpoint
 from paratransfer.train.inits import INITS
@@ -52,8 +52,8 @@ def adapter_roles(adapter, arch) -> tuple[str, ...]:
 
 def lora_targets(student, roles: tuple[str, ...]) -> tuple[list, list[dict]]:
     """The module specs to wrap, and what was skipped (a tied head keeps its own weight)."""
+    from paratransfer.adapter.inject import TIED_HEAD_REASON, is_tied
     from paratransfer.arch import arch_for
-    from paratransfer.inject import TIED_HEAD_REASON, is_tied
 
     arch = arch_for(student)
     specs, skipped = [], []
@@ -72,7 +72,7 @@ def lora_targets(student, roles: tuple[str, ...]) -> tuple[list, list[dict]]:
 def check_rank(student, specs: list, rank: int) -> None:
     """The rank fits every matrix LoRA will adapt, as extraction requires (`checks.rank_fits`)."""
     from paratransfer.arch import arch_for
-    from paratransfer.checks import rank_fits
+    from paratransfer.io.checks import rank_fits
 
     arch = arch_for(student)
     params = dict(student.named_parameters(remove_duplicate=False))
@@ -113,8 +113,8 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path |
     output stays whole until then. `--resume` continues the replacement if there is one, else
     the run in `out`, from its newest intact checkpoint.
     """
-    from paratransfer.console import notice
-    from paratransfer.outputs import replacing_dir
+    from paratransfer.io.console import notice
+    from paratransfer.io.outputs import replacing_dir
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (give one)")
@@ -137,7 +137,7 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path |
 def resumable(out: Path) -> bool:
     """Whether `--resume` would find an intact checkpoint for `out` (in a replacement under
     way, or in `out` itself)."""
-    from paratransfer.outputs import replacing_dir
+    from paratransfer.io.outputs import replacing_dir
 
     for folder in (replacing_dir(out), out):
         if (folder / CHECKPOINTS).is_dir():
@@ -149,10 +149,10 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
           adapter_dir: str | Path | None, dtype: torch.dtype, device: torch.device, dist: Dist,
           resume_from: Path | None, eval_data: str | Path | None = None) -> Run:
     """Read and check every input, build the LoRA model of the chosen arm and the optimizer."""
+    from paratransfer.adapter.inject import check_adapter_shapes, read_adapter
     from paratransfer.arch import arch_for
-    from paratransfer.data import file_digest
-    from paratransfer.inject import check_adapter_shapes, read_adapter
-    from paratransfer.models import load_model, load_tokenizer, model_label
+    from paratransfer.tasks.examples import file_digest
+    from paratransfer.teacher.models import load_model, load_tokenizer, model_label
 
     if INITS[settings.init].needs_adapter and adapter_dir is None:
         raise UserError(f"--init {settings.init} needs --adapter ADAPTER_DIR (from "
@@ -162,7 +162,7 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     examples, dropped = load_examples(data_path, tokenizer, settings.prompt_format,
                                       settings.max_length)
     if dropped and dist.main:
-        from paratransfer.console import notice
+        from paratransfer.io.console import notice
 
         notice(f"{data_path}: {dropped} of {dropped + len(examples)} examples dropped, no answer "
                f"token left after truncation to --max-length {settings.max_length} "
@@ -220,7 +220,7 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     }
     objective = CrossEntropy()
     if settings.distill is not None:
-        from paratransfer.devices import DTYPES
+        from paratransfer.io.devices import DTYPES
         from paratransfer.train.objectives import load_distillation
 
         teacher_dtype = dtype if settings.teacher_dtype == "auto" else DTYPES[settings.teacher_dtype]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from paratransfer.distributed import Dist
+from paratransfer.io.distributed import Dist
 from paratransfer.train.batches import Example
 from paratransfer.train.objectives import CrossEntropy
 from paratransfer.train.settings import TrainSettings

@@ -1,0 +1,371 @@
+"""`paratransfer run RECIPE`: sensitivity once, then extract -> train -> evaluate per arm and
+seed, reference rows, and the results table — every step in its own sub-folder, so `--resume`
+skips what is done and an interruption loses at most the step in progress.
+
+Layout of RUN_DIR:
+    recipe.json                      the validated recipe, as run
+    sensitivity.safetensors          the teacher's sensitivity (shared by every arm)
+    reference/{student,teacher}/     evaluation of the untrained student and of the teacher
+    arms/ARM/adapter[-seedS]/        extraction (seed-specific only for random strategies)
+    arms/ARM/seed-S/train/           training run (plain LoRA on the student)
+    arms/ARM/seed-S/eval/            evaluation of student + that LoRA
+    results.{json,md,png}, sensitivity.png
+    stability/                       the stability report, when the recipe asks for one
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from paratransfer.evaluate.run import EvalSettings
+from paratransfer.experiment.recipe import STEP_KEYS, Recipe
+from paratransfer.extract.plan import ExtractSettings
+from paratransfer.io.errors import UserError
+from paratransfer.io.outputs import write_json
+from paratransfer.train.inits import INITS
+from paratransfer.train.settings import TrainSettings
+
+#: Called with "[run ] LABEL" or "[done] LABEL" before each step (a hook for tests and tools).
+StepHook = Callable[[str], None]
+
+
+@dataclass
+class Step:
+    """One step of a run: what it is, the file that exists once it is complete, the work."""
+
+    label: str
+    done: Path
+    work: Callable[[], str]  # does the step; returns what came out, in a few words
+    chain: tuple[str, int] | None = None  # (arm, seed) of a training chain; None: shared steps
+
+
+def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    """Refuse to mix runs: an existing RUN_DIR needs --resume (same recipe) or --overwrite.
+
+    Returns the folder to work in: RUN_DIR itself, or for a run replacing an existing RUN_DIR
+    (`--overwrite`) a folder beside it (`outputs.replacing_dir`) that takes its place only once
+    the run is complete; `--resume` continues such a replacement.
+    """
+    import shutil
+
+    from paratransfer.io.outputs import replacing_dir
+
+    staged = replacing_dir(out)
+    if resume and (staged / "recipe.json").is_file():
+        work = staged
+    elif out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(staged, ignore_errors=True)  # an earlier replacement starts again
+            work = staged
+        elif not resume:
+            raise UserError(f"{out}: already exists (pass --resume to continue it, or "
+                            "--overwrite to start again)")
+        else:
+            work = out
+    elif resume:
+        raise UserError(f"--resume: nothing to resume in {out}")
+    else:
+        shutil.rmtree(staged, ignore_errors=True)  # abandoned: its RUN_DIR is gone
+        work = out
+    record = work / "recipe.json"
+    if resume and record.is_file():
+        from paratransfer.io.readers import read_json
+
+        if read_json(record, "a run's recipe") != json.loads(json.dumps(recipe.to_dict())):
+            raise UserError(f"{out}: was run with another recipe (recipe.json differs); "
+                            "use a new --out or --overwrite")
+    elif resume:
+        raise UserError(f"{out}: not a paratransfer run folder (no recipe.json)")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(record, recipe.to_dict())
+    return work
+
+
+class Runner:
+    """Plans a recipe's steps, then runs them in order, skipping those already complete.
+
+    Prints one line per step when it ends (`[ k/N] label: what came out (seconds)`); the steps'
+    own progress bars show only on a terminal and vanish when done.
+    """
+
+    def __init__(self, recipe: Recipe, out: Path, progress: bool = True,
+                 on_step: StepHook | None = None, log: Callable[[str], None] | None = None):
+        from paratransfer.io.devices import pick_device, pick_dtype
+
+        self.recipe, self.out, self.progress = recipe, out, progress
+        self.on_step = on_step or (lambda msg: None)
+        self.log = log or (lambda line: print(line, flush=True))
+        self.device = pick_device(recipe.settings["device"])
+        self.dtype = pick_dtype(recipe.settings["dtype"], self.device)
+        self.ran: list[tuple[str, float]] = []  # steps run now, with their seconds
+        self.reused: list[str] = []  # steps complete from an earlier run
+
+    # -- the steps -----------------------------------------------------------------------
+    def sensitivity_step(self, path: Path) -> Step:
+        from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
+
+        def work() -> str:
+            meta = run_sensitivity(self.recipe.teacher, self.recipe.task.seeds, path,
+                                   SensitivitySettings.from_recipe(self.recipe.settings),
+                                   self.dtype, self.device, overwrite=True,
+                                   progress=self.progress)
+            return f"{meta['samples']} seed samples"
+
+        return Step("sensitivity of the teacher", path, work)
+
+    def evaluate_step(self, label: str, model: str, out: Path, s: dict[str, Any],
+                      adapter: Path | None = None) -> Step:
+        from paratransfer.evaluate.run import run_evaluate
+
+        def work() -> str:
+            m = run_evaluate(model, self.recipe.task.eval, out,
+                             EvalSettings.from_recipe(self.recipe.task.type, s), adapter=adapter,
+                             shots_data=s["shots_data"] if s["shots"] else None, dtype=self.dtype,
+                             device=self.device, overwrite=True, progress=self.progress)
+            return f"{m['metric']} {m['value']:.4f} on {m['n']} examples"
+
+        return Step(label, out / "metrics.json", work)
+
+    def extract_step(self, arm: str, seed: int, folder: Path, sens: Path) -> Step:
+        from paratransfer.extract.step import run_extract
+
+        s = self.recipe.arm_settings(arm)
+
+        def work() -> str:
+            report = run_extract(self.recipe.teacher, self.recipe.student, folder,
+                                 ExtractSettings.from_recipe(s, seed), sensitivity_path=sens,
+                                 dtype=self.dtype, device=self.device, overwrite=True,
+                                 progress=self.progress)
+            return (f"teacher layers {report['selected_layers']}, "
+                    f"{len(report['modules'])} matrices")
+
+        label = f"extract {arm}" + (f" (seed {seed})" if self.recipe.uses_random(arm) else "")
+        return Step(label, folder / "transfer.json", work)
+
+    def train_step(self, arm: str, seed: int, folder: Path, adapter: Path | None) -> Step:
+        from paratransfer.train import resumable, run_train
+
+        s = self.recipe.arm_settings(arm)
+
+        def work() -> str:
+            resume = resumable(folder)
+            result = run_train(self.recipe.student, self.recipe.task.train, folder,
+                               TrainSettings.from_recipe(s, seed, self.recipe.teacher),
+                               adapter_dir=adapter,
+                               dtype=self.dtype, device=self.device, resume=resume,
+                               overwrite=not resume, progress=self.progress,
+                               eval_data=self.recipe.task.heldout)
+            info = result.summary
+            return f"{info['steps_done']} steps, final loss {info['final_loss']:.4f}"
+
+        return Step(f"train {arm} seed {seed}", folder / "train.json", work)
+
+    def stability_step(self, folder: Path) -> Step:
+        """The stability report of the transfer settings' choices over subsets of the seeds."""
+        from paratransfer.sensitivity.step import SensitivitySettings
+        from paratransfer.stability.pool import StabilitySettings, run_stability
+
+        s = self.recipe.settings
+        settings = StabilitySettings.from_recipe(self.recipe.stability)
+
+        def work() -> str:
+            report = run_stability(self.recipe.teacher, self.recipe.student,
+                                   self.recipe.task.seeds, folder, settings,
+                                   ExtractSettings.from_recipe(s, settings.seed),
+                                   SensitivitySettings.from_recipe(s), dtype=self.dtype,
+                                   device=self.device, overwrite=True, progress=self.progress)
+            jaccard = ", ".join(f"{x['size']}: {x['layers']['mean']:.2f}" for x in report["sizes"])
+            return f"{report['pool']['samples']} pool samples; layers Jaccard by size {jaccard}"
+
+        return Step("stability over seed subsets", folder / "stability.json", work)
+
+    def adapter_for(self, arm: str, seed: int, extractions: dict[str, Path]) -> tuple[Path, bool]:
+        """The adapter folder an arm's training reads, and whether it is extracted anew: arms
+        whose extraction settings are the same share one (e.g. `spectrum` reads `transfer`'s),
+        random strategies get one per seed."""
+        random = self.recipe.uses_random(arm)
+        settings = ExtractSettings.from_recipe(self.recipe.arm_settings(arm),
+                                               seed if random else self.recipe.seeds[0])
+        key = json.dumps(settings.as_dict(), sort_keys=True)
+        if key in extractions and not random:
+            return extractions[key], False
+        # An arm that changes no extraction setting reads the transfer arm's extraction.
+        owner = arm if set(self.recipe.arms[arm]) & set(STEP_KEYS["extract"]) else "transfer"
+        folder = self.out / "arms" / owner / (f"adapter-seed{seed}" if random else "adapter")
+        extractions[key] = folder
+        return folder, True
+
+    # -- the plan and its execution ------------------------------------------------------
+    def plan(self) -> tuple[list[Step], dict[str, Any]]:
+        """Every step in order, and where the results table finds their outputs."""
+        recipe, out = self.recipe, self.out
+        sens = out / "sensitivity.safetensors"
+        steps = [self.sensitivity_step(sens)]
+        refs: dict[str, Path] = {}
+        for who in recipe.references:
+            folder = out / "reference" / who
+            model = recipe.student if who == "student" else recipe.teacher
+            steps.append(self.evaluate_step(f"evaluate the {who} (reference)", model, folder,
+                                            recipe.settings))
+            refs[who] = folder / "metrics.json"
+        metrics: dict[str, dict[int, Path]] = {arm: {} for arm in recipe.arms}
+        adapters: dict[str, Path] = {}
+        extractions: dict[str, Path] = {}
+        runs: dict[str, dict[int, Path]] = {}
+        chains: list[Step] = []
+        for seed in recipe.seeds:
+            for arm in recipe.arms:
+                adapter = None
+                if INITS[recipe.arm_settings(arm)["init"]].needs_adapter:
+                    adapter, new = self.adapter_for(arm, seed, extractions)
+                    if new:  # extractions are shared steps, done before any training
+                        steps.append(self.extract_step(arm, seed, adapter, sens))
+                    adapters.setdefault(arm, adapter)
+                run_dir = out / "arms" / arm / f"seed-{seed}"
+                train = self.train_step(arm, seed, run_dir / "train", adapter)
+                evaluate = self.evaluate_step(f"evaluate {arm} seed {seed}", recipe.student,
+                                              run_dir / "eval", recipe.arm_settings(arm),
+                                              adapter=run_dir / "train")
+                train.chain = evaluate.chain = (arm, seed)
+                chains += [train, evaluate]
+                metrics[arm][seed] = run_dir / "eval" / "metrics.json"
+                runs.setdefault(arm, {})[seed] = run_dir / "train"
+        if recipe.stability is not None:
+            steps.append(self.stability_step(out / "stability"))
+        steps += chains
+        return steps, {"metrics": metrics, "refs": refs, "adapters": adapters, "sens": sens,
+                       "runs": runs}
+
+    def execute(self, index: int, total: int, step: Step) -> None:
+        """Run one step unless complete; one line when it ends."""
+        where = f"[{index:>{len(str(total))}}/{total}] {step.label}"
+        if step.done.exists():
+            self.on_step(f"[done] {step.label}")
+            self.reused.append(step.label)
+            self.log(f"{where}: complete from an earlier run")
+            return
+        self.on_step(f"[run ] {step.label}")
+        started = time.perf_counter()
+        said = step.work()
+        seconds = time.perf_counter() - started
+        self.ran.append((step.label, seconds))
+        self.log(f"{where}: {said} ({seconds:.1f} s)")
+
+    def run(self, jobs: int = 1) -> dict[str, Any]:
+        """The shared steps in order, then the (arm, seed) training chains: in order, or
+        `jobs` at a time in separate processes (each chain computes the same either way)."""
+        from paratransfer.experiment.results import write_results
+
+        steps, found = self.plan()
+        numbered = list(enumerate(steps, start=1))
+        for i, step in numbered:
+            if step.chain is None:
+                self.execute(i, len(steps), step)
+        chains: dict[tuple[str, int], list[int]] = {}
+        for i, step in numbered:
+            if step.chain is not None:
+                chains.setdefault(step.chain, []).append(i)
+        if jobs <= 1 or len(chains) <= 1:
+            for indices in chains.values():
+                for i in indices:
+                    self.execute(i, len(steps), steps[i - 1])
+        else:
+            self.run_parallel(list(chains.values()), jobs)
+        return write_results(self.out, self.recipe, found["metrics"], found["refs"],
+                             found["adapters"], found["sens"], found["runs"])
+
+    def run_parallel(self, chains: list[list[int]], jobs: int) -> None:
+        """Each chain in a fresh process (spawned: no state shared with this one), `jobs` at a
+        time, the CPU's threads split between them; they print their own lines."""
+        import multiprocessing
+        import os
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(_run_chain, self.recipe, self.out, chain, threads)
+                       for chain in chains]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()
+            for f in futures:
+                if f.done() and not f.cancelled():
+                    ran, reused = f.result()  # raises the chain's error, if any
+                    self.ran += ran
+                    self.reused += reused
+
+
+def _run_chain(recipe: Recipe, out: Path, indices: list[int],
+               threads: int) -> tuple[list[tuple[str, float]], list[str]]:
+    """A worker process: plan the same run and execute these steps of it."""
+    import torch
+
+    from paratransfer.io.console import quiet_libraries
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
+    runner = Runner(recipe, out, progress=False)
+    steps, _ = runner.plan()
+    for i in indices:
+        runner.execute(i, len(steps), steps[i - 1])
+    return runner.ran, runner.reused
+
+
+def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
+                   overwrite: bool = False, progress: bool = True,
+                   on_step: StepHook | None = None,
+                   log: Callable[[str], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """`paratransfer run`: every step of the recipe (training chains `jobs` at a time in
+    separate processes); returns results.json's content plus
+    `steps` (how many ran now, how many were complete already, seconds) for the summary."""
+    from paratransfer.io.outputs import absolute, check_not_an_input, check_writable, output_lock
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other (give one)")
+    if jobs < 1:
+        raise UserError(f"--jobs: must be at least 1 (got {jobs})")
+    from paratransfer.experiment.preflight import check_run_inputs
+
+    out = absolute(out)
+    check_not_an_input(out, recipe_inputs(recipe))
+    check_writable(out)
+    check_run_inputs(recipe)
+    with output_lock(out):
+        work = prepare_out(out, recipe, resume, overwrite)
+        runner = Runner(recipe, work, progress, on_step, log)
+        result = runner.run(jobs)
+        finish_out(work, out)
+    return {**result, "steps": {"ran": len(runner.ran), "reused": len(runner.reused),
+                                "seconds": round(sum(s for _, s in runner.ran), 1)}}
+
+
+def recipe_inputs(recipe: Recipe) -> list[Any]:
+    """Every file or folder a run reads (models given as hub ids are not paths)."""
+    return [recipe.source, recipe.teacher, recipe.student, *vars(recipe.task).values(),
+            recipe.settings.get("shots_data"),
+            *(change.get("shots_data") for change in recipe.arms.values())]
+
+
+def finish_out(work: Path, out: Path) -> None:
+    """The complete run takes its place: temporaries of killed steps go, and a replacement
+    (worked on beside RUN_DIR) is renamed into place, its records naming RUN_DIR."""
+    from paratransfer.io.outputs import clean_stale, relocate_records, replace_with
+
+    clean_stale(work, recursive=True)
+    if work != out:
+        relocate_records(work, work, out)
+        replace_with(work, out)
+
+
+def summary_line(result: dict[str, Any], out: Path | str) -> str:
+    """The last line of `run` and `demo`: what was done, and where the outputs are."""
+    steps = result["steps"]
+    reused = f", {steps['reused']} complete from an earlier run" if steps["reused"] else ""
+    return (f"{steps['ran']} steps run in {steps['seconds']:.0f} s{reused}; outputs in {out}: "
+            "results.md, results.json, results.png, sensitivity.png")

@@ -1,0 +1,322 @@
+"""Teacher-to-student alignment: which teacher layers to keep, and which block of each matrix.
+
+The method (docs/method.md §2–3) keeps the student's number of teacher layers and, per
+module, the contiguous student-sized block of the teacher matrix with the largest summed
+sensitivity. The alternatives the paper compares against (first/last/uniform/random layers,
+rows-columns/random/first-block reduction) live in the same registries so that ablations are
+a matter of typing a different name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from paratransfer.io.errors import UserError
+
+# float64 elements converted per block when a float32 sensitivity is summed: torch's own
+# float64-accumulating reductions over float32 input are ~5x slower than converting
+# cache-sized blocks and reducing those (measured on 5120x5120).
+_BLOCK_ELEMENTS = 1 << 19
+
+# The column pass first is cheaper per element (cumsum along the contiguous dimension is
+# about twice as fast as along rows, measured); rows go first only when that makes the
+# intermediate float64 array at least this many times smaller (e.g. lm_head, where the
+# vocabulary rows are all kept).
+_ROWS_FIRST_ADVANTAGE = 2
+
+
+# --- window search -------------------------------------------------------------------------
+
+
+def _check_shapes(sens: torch.Tensor, rows: int, cols: int) -> None:
+    """Refuse impossible reductions with a message in the method's terms."""
+    if sens.dim() != 2:
+        raise UserError(f"sensitivity must be a 2-D matrix, got shape {list(sens.shape)}")
+    m, n = sens.shape
+    if rows < 1 or cols < 1:
+        raise UserError(f"student block must be at least 1x1, got {rows}x{cols}")
+    if rows > m or cols > n:
+        raise UserError(
+            f"teacher dimension smaller than student's: cannot take a {rows}x{cols} block "
+            f"from a {m}x{n} teacher matrix"
+        )
+
+
+def _blocks(x: torch.Tensor) -> int:
+    """Rows per block so a float64 copy of one block stays cache-sized."""
+    return max(1, _BLOCK_ELEMENTS // max(1, x.shape[1]))
+
+
+def _sliding_along_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
+    """Every row's sums of `cols` consecutive entries, float64 [m, n-cols+1].
+
+    First window summed, the others by a cumulative sum of (entering - leaving) entries, so the
+    cumsum runs over n-cols+1 columns rather than n; float32 input is widened block by block.
+    """
+    m, n = x.shape
+    out = torch.empty(m, n - cols + 1, dtype=torch.float64)
+    step = _blocks(x)
+    for xb, ob in zip(x.split(step), out.split(step), strict=True):
+        xb = xb.to(torch.float64)
+        torch.sum(xb[:, :cols], 1, out=ob[:, 0])
+        torch.sub(xb[:, cols:], xb[:, : n - cols], out=ob[:, 1:])
+    return out.cumsum_(1)
+
+
+def _sliding_along_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Every column's sums of `rows` consecutive entries, float64 [m-rows+1, n] (same scheme)."""
+    m, n = x.shape
+    out = torch.empty(m - rows + 1, n, dtype=torch.float64)
+    step = _blocks(x)
+    first = out[0].zero_()
+    for xb in x[:rows].split(step):
+        first += xb.to(torch.float64).sum(0)
+    leaving, entering = x[: m - rows].split(step), x[rows:].split(step)
+    for lb, eb, ob in zip(leaving, entering, out[1:].split(step), strict=True):
+        torch.sub(eb.to(torch.float64), lb.to(torch.float64), out=ob)
+    return out.cumsum_(0)
+
+
+def window_sums(sens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Summed sensitivity of every contiguous rows x cols block, float64, by top-left corner.
+
+    Separable sliding sums (one pass per dimension) score all (m-rows+1)(n-cols+1) positions at
+    once, instead of the reference's Python loop over positions.
+    """
+    _check_shapes(sens, rows, cols)
+    if not sens.is_contiguous() and sens.mT.is_contiguous():
+        # a transposed view (the embedding is scored as [d, vocab]): walk it in storage order
+        return window_sums(sens.mT, cols, rows).mT.contiguous()
+    m, n = sens.shape
+    rows_first_size = (m - rows + 1) * n
+    cols_first_size = m * (n - cols + 1)
+    if _ROWS_FIRST_ADVANTAGE * rows_first_size < cols_first_size:
+        return _sliding_along_cols(_sliding_along_rows(sens, rows), cols)
+    return _sliding_along_rows(_sliding_along_cols(sens, cols), rows)
+
+
+def best_window(sens: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:
+    """Top-left (row, col) of the most sensitive rows x cols block; ties -> first row-major."""
+    sums = window_sums(sens, rows, cols)
+    flat = sums.view(-1)
+    index = int(torch.argmax(flat))  # argmax returns the first maximum, i.e. row-major ties
+    if not math.isfinite(float(flat[index])):
+        raise UserError("sensitivity contains NaN or infinite values: cannot rank teacher blocks")
+    return divmod(index, sums.shape[1])
+
+
+# --- dimension reduction -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which teacher rows and columns make up the student-sized block."""
+
+    rows: torch.Tensor  # int64 indices into the teacher matrix's rows, ascending
+    cols: torch.Tensor  # int64 indices into the teacher matrix's columns, ascending
+    window: tuple[int, int] | None  # top-left corner when the block is contiguous, else None
+
+    def take(self, weight: torch.Tensor) -> torch.Tensor:
+        """The selected [rows, cols] sub-matrix; a view (no copy) when the block is contiguous."""
+        if self.window is not None:
+            r0, c0 = self.window
+            return weight[r0 : r0 + len(self.rows), c0 : c0 + len(self.cols)]
+        return weight.index_select(0, self.rows).index_select(1, self.cols)
+
+
+def _contiguous(row: int, col: int, rows: int, cols: int) -> Selection:
+    """Selection of the rows x cols block whose top-left corner is (row, col)."""
+    return Selection(
+        rows=torch.arange(row, row + rows, dtype=torch.int64),
+        cols=torch.arange(col, col + cols, dtype=torch.int64),
+        window=(row, col),
+    )
+
+
+def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores in ascending index order; ties -> lower index first."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k].sort().values.to(torch.int64)
+
+
+def _reduce_window(
+    sens: torch.Tensor, rows: int, cols: int, generator: torch.Generator
+) -> Selection:
+    """The method's choice: the contiguous block with the largest summed sensitivity."""
+    return _contiguous(*best_window(sens, rows, cols), rows, cols)
+
+
+def _reduce_rows_cols(
+    sens: torch.Tensor, rows: int, cols: int, generator: torch.Generator
+) -> Selection:
+    """Ablation: most sensitive rows and columns (by mean) independently, in original order."""
+    _check_shapes(sens, rows, cols)
+    sens64 = sens.to(torch.float64)
+    return Selection(
+        rows=_top_indices(sens64.mean(1), rows),
+        cols=_top_indices(sens64.mean(0), cols),
+        window=None,
+    )
+
+
+def _reduce_first(
+    sens: torch.Tensor, rows: int, cols: int, generator: torch.Generator
+) -> Selection:
+    """Ablation: the top-left block, ignoring sensitivity."""
+    _check_shapes(sens, rows, cols)
+    return _contiguous(0, 0, rows, cols)
+
+
+def _reduce_random(
+    sens: torch.Tensor, rows: int, cols: int, generator: torch.Generator
+) -> Selection:
+    """Ablation: random rows and random columns (each kept in ascending order)."""
+    _check_shapes(sens, rows, cols)
+    m, n = sens.shape
+    picked_rows = torch.randperm(m, generator=generator)[:rows].sort().values
+    picked_cols = torch.randperm(n, generator=generator)[:cols].sort().values
+    return Selection(rows=picked_rows, cols=picked_cols, window=None)
+
+
+Reducer = Callable[[torch.Tensor, int, int, torch.Generator], Selection]
+
+REDUCERS: dict[str, Reducer] = {
+    "window": _reduce_window,
+    "rows-cols": _reduce_rows_cols,
+    "first": _reduce_first,
+    "random": _reduce_random,
+}
+
+
+# --- head-aware windows --------------------------------------------------------------------
+
+
+def best_window_aligned(sens: torch.Tensor, rows: int, cols: int, row_unit: int = 1,
+                        col_unit: int = 1) -> tuple[int, int]:
+    """`best_window` over the corners that lie on multiples of (row_unit, col_unit) only.
+
+    With a unit that divides both the teacher dimension and the block size, the block starts
+    and ends on unit boundaries (attention heads, for `window-heads`). Ties -> first row-major.
+    """
+    _check_shapes(sens, rows, cols)
+    m, n = sens.shape
+    for unit, size, full, what in ((row_unit, rows, m, "rows"), (col_unit, cols, n, "columns")):
+        if unit < 1 or size % unit or full % unit:
+            raise UserError(f"cannot align a block of {size} {what} to units of {unit} in a "
+                            f"teacher matrix of {full} {what}")
+    sums = window_sums(sens, rows, cols)[::row_unit, ::col_unit].contiguous()
+    flat = sums.view(-1)
+    index = int(torch.argmax(flat))
+    if not math.isfinite(float(flat[index])):
+        raise UserError("sensitivity contains NaN or infinite values: cannot rank teacher blocks")
+    i, j = divmod(index, sums.shape[1])
+    return i * row_unit, j * col_unit
+
+
+def reduce_window_heads(sens: torch.Tensor, rows: int, cols: int, row_unit: int = 1,
+                        col_unit: int = 1) -> Selection:
+    """`--reduce window-heads`: the most sensitive block whose sides lie on head boundaries.
+
+    The caller gives the units (the teacher's head width along the dimension that holds heads,
+    1 along the other); `extract` works them out from both models' head layouts.
+    """
+    return _contiguous(*best_window_aligned(sens, rows, cols, row_unit, col_unit), rows, cols)
+
+
+#: Reductions that need the attention-head layout (so not in REDUCERS, whose entries take only
+#: the sensitivity and the block size); used for q, k, v, o, and as `window` elsewhere.
+HEAD_AWARE_REDUCERS: dict[str, Callable[..., Selection]] = {"window-heads": reduce_window_heads}
+#: Every name `--reduce` accepts.
+REDUCTIONS: tuple[str, ...] = (*REDUCERS, *HEAD_AWARE_REDUCERS)
+
+
+def _generator(seed: int) -> torch.Generator:
+    """A private CPU generator, so random strategies never touch the global RNG."""
+    return torch.Generator().manual_seed(seed)
+
+
+def _lookup(registry: dict[str, Callable], kind: str, strategy: str) -> Callable:
+    """Registry entry for `strategy`, or a UserError listing the known names."""
+    try:
+        return registry[strategy]
+    except KeyError:
+        known = ", ".join(sorted(registry))
+        raise UserError(f"unknown {kind} strategy {strategy!r}; known: {known}") from None
+
+
+def reduce(strategy: str, sens: torch.Tensor, rows: int, cols: int, seed: int = 0,
+           units: tuple[int, int] = (1, 1)) -> Selection:
+    """Pick the student-sized [rows, cols] part of a teacher matrix by the named strategy.
+
+    `units` (row, column) matter only to head-aware strategies: block corners on multiples.
+    """
+    if strategy in HEAD_AWARE_REDUCERS:
+        return HEAD_AWARE_REDUCERS[strategy](sens, rows, cols, *units)
+    reducer = _lookup({**REDUCERS, **HEAD_AWARE_REDUCERS}, "reduction", strategy)
+    return reducer(sens, rows, cols, _generator(seed))
+
+
+# --- layer selection -----------------------------------------------------------------------
+
+
+def _layers_by_sensitivity(
+    scores: Sequence[float], k: int, generator: torch.Generator
+) -> list[int]:
+    """The method's choice: the k highest-scoring layers, back in original order."""
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties -> lower first
+    return sorted(ranked[:k])
+
+
+def _layers_first(scores: Sequence[float], k: int, generator: torch.Generator) -> list[int]:
+    """Ablation: the bottom k layers."""
+    return list(range(k))
+
+
+def _layers_last(scores: Sequence[float], k: int, generator: torch.Generator) -> list[int]:
+    """Ablation: the top k layers."""
+    n = len(scores)
+    return list(range(n - k, n))
+
+
+def _layers_uniform(scores: Sequence[float], k: int, generator: torch.Generator) -> list[int]:
+    """Ablation: k evenly spaced layers including the first and last (k=1: the middle one)."""
+    n = len(scores)
+    if k == 1:
+        return [(n - 1) // 2]
+    # round(i*(n-1)/(k-1)) half-up in integer arithmetic; steps >= 1 keep indices distinct
+    return [(2 * i * (n - 1) + (k - 1)) // (2 * (k - 1)) for i in range(k)]
+
+
+def _layers_random(scores: Sequence[float], k: int, generator: torch.Generator) -> list[int]:
+    """Ablation: k distinct random layers in original order."""
+    return sorted(torch.randperm(len(scores), generator=generator)[:k].tolist())
+
+
+LayerSelector = Callable[[Sequence[float], int, torch.Generator], list[int]]
+
+LAYER_SELECTORS: dict[str, LayerSelector] = {
+    "sensitivity": _layers_by_sensitivity,
+    "first": _layers_first,
+    "last": _layers_last,
+    "uniform": _layers_uniform,
+    "random": _layers_random,
+}
+
+
+def select_layers(strategy: str, scores: Sequence[float], k: int, seed: int = 0) -> list[int]:
+    """Indices of the k teacher layers that feed the student's k layers, in order."""
+    selector = _lookup(LAYER_SELECTORS, "layer selection", strategy)
+    scores = [float(s) for s in scores]
+    if k < 1:
+        raise UserError(f"the student needs at least one layer, got {k}")
+    if k > len(scores):
+        raise UserError(
+            f"teacher has fewer layers ({len(scores)}) than the student ({k}): cannot select"
+        )
+    if any(math.isnan(s) for s in scores):
+        raise UserError("layer sensitivity scores contain NaN: cannot rank teacher layers")
+    return selector(scores, k, _generator(seed))

@@ -1,0 +1,1 @@
+"""Task records: records -> prompts -> tokens with answer-only labels."""
