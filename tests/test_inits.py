@@ -59,7 +59,7 @@ def module_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in inject.lora_parameters(model).items():
         part = "B" if ("lora_B" in name or "lora_embedding_B" in name) else "A"
-        out.setdefault(inject._module_of(name), {})[part] = p.detach().double()
+        out.setdefault(inject.module_of(name), {})[part] = p.detach().double()
     return {m: (f["B"], f["A"]) for m, f in out.items()}
 
 

@@ -8,7 +8,7 @@ After training to (B, A), the change to the *unmodified* student is
 s·(B·A - B0·A0) = s·[B | -B0]·[A ; A0]: a LoRA of rank 2r with alpha 2·alpha (same scale).
 PEFT's `save_pretrained(..., path_initial_model_for_weight_conversion=...)` writes exactly this
 for Linear layers (lm_head included) but silently drops embedding adapters, so those are
-concatenated here by hand (docs/FACTS.md).
+concatenated here by hand (checked by the round-trip tests).
 
 A tied student (GPT-2: lm_head shares the embedding matrix) is untied first (the head gets its
 own copy), so subtracting s·B0·A0 from the embedding leaves the head as it was: the converted
@@ -24,13 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from paratransfer.adapter.lora import ADAPTER_NAME
+from paratransfer.arch.ties import TIED_HEAD_REASON, base_layer, is_tied, untie_head  # noqa: F401
 from paratransfer.io.errors import UserError
 
-ADAPTER_NAME = "default"
-#: Why a tied student's head gets no LoRA (the `skipped` entry of transfer.json / train.json).
-TIED_HEAD_REASON = ("the student's lm_head is tied to its embedding: it gets no LoRA and keeps "
-                    "its original weight (untied before anything changes the embedding); only "
-                    "the input embedding is adapted")
 #: Folder (and temporary PEFT adapter) name of the initial factors; must differ from ADAPTER_NAME.
 INITIAL_NAME = "initial"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -123,7 +120,7 @@ def saved_base_weight(file_key: str) -> bool:
     return file_key.endswith(".base_layer.weight")
 
 
-def _module_of(param_name: str) -> str:
+def module_of(param_name: str) -> str:
     """`base_model.model.<module>.lora_A.default.weight` -> `<module>`."""
     name = param_name.removeprefix("base_model.model.")
     for part in ("lora_A", "lora_B", *_EMBED_PARTS):
@@ -167,14 +164,14 @@ def check_adapter_shapes(model: torch.nn.Module, adapter: AdapterFiles) -> None:
     for key, t in adapter.tensors.items():
         if saved_base_weight(key):  # loaded by PEFT as it is (merge, evaluate)
             continue
-        module = _module_of(model_key(key))
+        module = module_of(model_key(key))
         if module not in module_names:
             raise UserError(f"{adapter.folder}: adapter tensor {key} (shape {list(t.shape)}) names "
                             f"module {module!r}, which the student does not have (was the adapter "
                             "extracted for this student?)")
         located.append((module_names[module], key.rsplit("lora_", 1)[1], key, module, t))
     for _, part, key, module, t in sorted(located, key=lambda x: x[:2]):
-        want_a, want_b = _expected_shapes(_base_layer(model.get_submodule(module)), adapter.rank)
+        want_a, want_b = _expected_shapes(base_layer(model.get_submodule(module)), adapter.rank)
         want = want_a if part.startswith(("A", "embedding_A")) else want_b
         if tuple(t.shape) != want:
             raise UserError(f"{adapter.folder}: {key} has shape {list(t.shape)}, but the student's "
@@ -200,41 +197,12 @@ def adapter_factors(peft_model, adapter: AdapterFiles,
     for name, p in lora_parameters(peft_model, adapter_name).items():
         if name not in by_model:
             raise UserError(f"{adapter.folder}: the adapter has no factors for the student's "
-                            f"{_module_of(name)} (pass --modules to target fewer modules)")
+                            f"{module_of(name)} (pass --modules to target fewer modules)")
         if tuple(by_model[name].shape) != tuple(p.shape):
             raise UserError(f"{adapter.folder}: {name} has shape {list(by_model[name].shape)}, "
                             f"but the LoRA layer has {list(p.shape)}")
         out[name] = by_model[name]
     return out
-
-
-def _base_layer(module: torch.nn.Module) -> torch.nn.Module:
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-def is_tied(model) -> bool:
-    """Whether the model's lm_head shares its weight with the input embedding."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    return (head is not None and embed is not None
-            and _base_layer(head).weight is _base_layer(embed).weight)
-
-
-def untie_head(model) -> bool:
-    """Give a tied lm_head its own copy of the weight (frozen); True when it was tied.
-
-    Needed before the embedding's base weight is changed (residual init, merge), so that the
-    head keeps computing what the original head computed. The config is updated so that nothing
-    ties the two again (and a saved model loads untied).
-    """
-    if not is_tied(model):
-        return False
-    head = _base_layer(model.get_output_embeddings())
-    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    if text_config is not None and text_config is not model.config:
-        text_config.tie_word_embeddings = False
-    return True
 
 
 def lora_delta(layer, adapter_name: str = ADAPTER_NAME) -> torch.Tensor:
@@ -286,14 +254,14 @@ def set_residual_factors(peft_model, factors: dict[str, torch.Tensor],
     """
     params = lora_parameters(peft_model, adapter_name)
     layers = {n: m for n, m in lora_layers(peft_model, adapter_name).items()
-              if any(_module_of(p) == n for p in factors)}
+              if any(module_of(p) == n for p in factors)}
     untied = (untie_head(peft_model.base_model.model)
               if _touches_tied(peft_model, adapter_name, layers.values()) else False)
     with torch.no_grad():
         for name, t in factors.items():
             params[name].copy_(t.to(dtype=params[name].dtype, device=params[name].device))
         for layer in layers.values():
-            weight = _base_layer(layer).weight
+            weight = base_layer(layer).weight
             residual = weight.float() - lora_delta(layer, adapter_name).to(weight.device)
             weight.copy_(residual.to(weight.dtype))
     return {"modules": len(layers), "untied_head": untied,

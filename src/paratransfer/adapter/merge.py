@@ -31,15 +31,15 @@ def _load_raw_tokenizer(name_or_path: str):
 
 def _adapter_touches_shared_weight(student, adapter) -> bool:
     """Whether the adapter wraps the input embedding or the head of a tied student."""
-    from paratransfer.adapter.inject import _module_of, is_tied, model_key, saved_base_weight
+    from paratransfer.adapter.inject import is_tied, model_key, module_of, saved_base_weight
 
     if not is_tied(student):
         return False
     names = {id(m): n for n, m in student.named_modules()}
     shared = {names.get(id(student.get_input_embeddings())),
               names.get(id(student.get_output_embeddings()))}
-    modules = {_module_of(k.removesuffix(".base_layer.weight")) if saved_base_weight(k)
-               else _module_of(model_key(k)) for k in adapter.tensors}
+    modules = {module_of(k.removesuffix(".base_layer.weight")) if saved_base_weight(k)
+               else module_of(model_key(k)) for k in adapter.tensors}
     return bool(modules & shared)
 
 

@@ -11,28 +11,8 @@ from pathlib import Path
 
 import torch
 
-from paratransfer.arch import arch_for
+from paratransfer.adapter.lora import ADAPTER_NAME, lora_config
 from paratransfer.extract.plan import ModuleFactors
-
-ADAPTER_NAME = "default"
-
-
-def lora_config(student: torch.nn.Module, factors: Sequence[ModuleFactors], rank: int,
-                alpha: float, dropout: float = 0.05):
-    """A LoraConfig targeting exactly the modules that have factors."""
-    from peft import LoraConfig
-
-    arch = arch_for(student)
-    specs = list(dict.fromkeys(f.spec for f in factors))
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=arch.peft_targets(specs),
-        fan_in_fan_out=any(s.conv1d for s in specs),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
 
 
 def set_lora_factors(peft_model, factors: Sequence[ModuleFactors], dtype: torch.dtype,
@@ -60,8 +40,8 @@ def write_adapter(student: torch.nn.Module, factors: Sequence[ModuleFactors], fo
     from peft import get_peft_model
 
     dtype = next(student.parameters()).dtype
-    config = lora_config(student, factors, rank, alpha, dropout)
-    config.base_model_name_or_path = student_id
+    config = lora_config(student, [f.spec for f in factors], rank, alpha, dropout,
+                         base_model_name_or_path=student_id)
     peft_model = get_peft_model(student, config)
     set_lora_factors(peft_model, factors, dtype)
     peft_model.save_pretrained(str(folder), save_embedding_layers=False)

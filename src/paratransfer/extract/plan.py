@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from paratransfer.adapter.inject import TIED_HEAD_REASON
+from paratransfer.adapter.lora import lora_targets
 from paratransfer.arch import ArchSpec, HeadLayout, ModuleSpec, arch_for, parse_roles
 from paratransfer.extract import factorize
 from paratransfer.extract import strategies as align
@@ -111,11 +111,6 @@ class Extraction:
 def _module_seed(seed: int, index: int) -> int:
     """A distinct, reproducible seed per extracted matrix for the random strategies."""
     return (seed * 1_000_003 + index) % (2**63 - 1)
-
-
-def _tied_head(model) -> bool:
-    return model.get_output_embeddings() is not None and (
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight)
 
 
 def _vocab_size(config) -> int:
@@ -230,14 +225,11 @@ def _plan(t_arch: ArchSpec, s_arch: ArchSpec, student,
           roles: set[str]) -> tuple[list[ModuleSpec], list[ModuleSpec], list[dict]]:
     """The student modules to extract; those the teacher has nothing for (no gate in GPT-2),
     which get the standard LoRA init; and each wanted role that cannot be extracted, with why."""
-    skipped = [{"role": role, "reason": f"the {s_arch.family} family has no {role}"}
-               for role in sorted(roles - s_arch.roles())]
+    targets = lora_targets(student, roles, s_arch)
+    skipped = targets.missing + targets.tied_head
     t_roles = t_arch.roles()
     specs, standard = [], []
-    for spec in s_arch.modules_for(roles):
-        if spec.roles == ("head",) and _tied_head(student):
-            skipped.append({"role": "head", "reason": TIED_HEAD_REASON})
-            continue
+    for spec in targets.specs:
         wanted = [r for r in spec.roles if r in roles]
         found = [r for r in wanted if r in t_roles]
         for role in wanted:

@@ -25,16 +25,16 @@ from dataclasses import dataclass
 import torch
 
 from paratransfer.adapter.inject import (
-    ADAPTER_NAME,
     AdapterFiles,
-    _base_layer,
-    _module_of,
     adapter_factors,
     inject_transfer_init,
     lora_layers,
     lora_parameters,
+    module_of,
     set_residual_factors,
 )
+from paratransfer.adapter.lora import ADAPTER_NAME
+from paratransfer.arch.ties import base_layer
 
 #: (peft model, the adapter or None, seed) -> what was done, for train.json (None: nothing).
 InitFn = Callable[[object, AdapterFiles | None, int], dict | None]
@@ -65,13 +65,13 @@ def _pissa(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
     for name, layer in lora_layers(peft_model).items():
         if not isinstance(layer, lora_layer.Embedding):
             continue
-        weight = _base_layer(layer).weight.detach().float().T  # [d, vocab], as B @ A is laid out
+        weight = base_layer(layer).weight.detach().float().T  # [d, vocab], as B @ A is laid out
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         r, scale = layer.r[ADAPTER_NAME], float(layer.scaling[ADAPTER_NAME])
         root = torch.sqrt(s[:r] / scale)  # PEFT's PiSSA split: s·B·A = U_r S_r V_rᵀ
         by_part = {"lora_embedding_B": u[:, :r] * root, "lora_embedding_A": root[:, None] * vh[:r]}
         for param in params:
-            if _module_of(param) == name:
+            if module_of(param) == name:
                 factors[param] = by_part[param.rsplit(".", 2)[-2]]
     report = set_residual_factors(peft_model, factors) if factors else {}
     return {"modules": len(lora_layers(peft_model)), "embedding_layers_by_own_svd": len(factors) // 2,
@@ -107,7 +107,7 @@ def _spectrum(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
     by_module: dict[str, dict[str, str]] = {}
     for param in transferred:
         part = "B" if ("lora_B" in param or "lora_embedding_B" in param) else "A"
-        by_module.setdefault(_module_of(param), {})[part] = param
+        by_module.setdefault(module_of(param), {})[part] = param
     factors = {}
     for module, names in by_module.items():
         b, a = spectrum_factors(transferred[names["B"]], transferred[names["A"]], seed, module)

@@ -51,22 +51,14 @@ def adapter_roles(adapter, arch) -> tuple[str, ...]:
 
 
 def lora_targets(student, roles: tuple[str, ...]) -> tuple[list, list[dict]]:
-    """The module specs to wrap, and what was skipped (a tied head keeps its own weight)."""
-    from paratransfer.adapter.inject import TIED_HEAD_REASON, is_tied
-    from paratransfer.arch import arch_for
+    """The module specs to wrap (`adapter.lora`, as extraction wraps them), and what was skipped;
+    refused when nothing is left to train."""
+    from paratransfer.adapter.lora import lora_targets as student_targets
 
-    arch = arch_for(student)
-    specs, skipped = [], []
-    for spec in arch.modules_for(roles):
-        if spec.roles == ("head",) and is_tied(student):
-            skipped.append({"role": "head", "reason": TIED_HEAD_REASON})
-            continue
-        specs.append(spec)
-    for role in sorted(set(roles) - arch.roles()):
-        skipped.append({"role": role, "reason": f"the {arch.family} family has no {role}"})
-    if not specs:
+    targets = student_targets(student, roles)
+    if not targets.specs:
         raise UserError(f"--modules: none of {', '.join(roles)} can be trained on this student")
-    return specs, skipped
+    return targets.specs, targets.tied_head + targets.missing
 
 
 def check_rank(student, specs: list, rank: int) -> None:
@@ -85,15 +77,13 @@ def check_rank(student, specs: list, rank: int) -> None:
 def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str):
     """Wrap the student with PEFT LoRA, seeded; the arm's init says how PEFT fills the factors
     (its default for most, PiSSA for `pissa`)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from paratransfer.arch import arch_for
+    from paratransfer.adapter.lora import lora_config
 
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=arch_for(student).peft_targets(specs),
-                        fan_in_fan_out=any(s.conv1d for s in specs), bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=student_id,
-                        init_lora_weights=INITS[settings.init].peft_init)
+    config = lora_config(student, specs, settings.rank, settings.alpha, settings.dropout,
+                         base_model_name_or_path=student_id,
+                         init_lora_weights=INITS[settings.init].peft_init)
     torch.manual_seed(settings.seed)
     return get_peft_model(student, config)
 
