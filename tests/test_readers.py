@@ -103,3 +103,23 @@ def test_header_checks(tmp_path):
         read_json(bad)
     (tmp_path / "ok.json").write_text(json.dumps({"x": 1}))
     assert read_json(tmp_path / "ok.json") == {"x": 1}
+
+
+def test_safetensors_layout_points_at_each_tensors_bytes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from paratransfer.io.readers import safetensors_header, safetensors_layout
+
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+               "b": torch.tensor([7.5, -1.0], dtype=torch.float32)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    header, start = safetensors_layout(path)
+    raw = path.read_bytes()
+    assert header == safetensors_header(path) and header["__metadata__"] == {"k": "v"}
+    for name, tensor in tensors.items():
+        begin, end = header[name]["data_offsets"]
+        assert raw[start + begin:start + end] == tensor.numpy().tobytes()
+    assert start + max(e["data_offsets"][1] for n, e in header.items() if n != "__metadata__") \
+        == len(raw)

@@ -20,8 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -262,16 +260,10 @@ def ensure_world(cache: Path | None = None, spec: WorldSpec = WORLD) -> Path:
         return root
     print(f"demo: building the task data, a teacher and a student in {root} "
           "(once; a few minutes on a CPU)", flush=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
+    from paratransfer.io.outputs import atomic_dir
+
+    with atomic_dir(root, overwrite=True) as tmp:  # a world without world.json is replaced
         build_world(tmp, spec, say=lambda line: print(line, flush=True))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

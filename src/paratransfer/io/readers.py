@@ -43,6 +43,12 @@ def read_json(path: str | Path, what: str = "a JSON file") -> Any:
 def safetensors_header(path: str | Path) -> dict[str, Any]:
     """The header of a safetensors file after checking the file is whole: the header parses,
     every tensor's byte range fits its dtype and shape, and the ranges cover the data exactly."""
+    return safetensors_layout(path)[0]
+
+
+def safetensors_layout(path: str | Path) -> tuple[dict[str, Any], int]:
+    """`safetensors_header`, and the byte where the data (which `data_offsets` count from)
+    starts: for readers that seek to each tensor themselves."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -66,7 +72,7 @@ def safetensors_header(path: str | Path) -> dict[str, Any]:
     except _Bad as e:
         raise UserError(f"{path}: not a complete safetensors file ({e}); was it truncated or "
                         "damaged?") from None
-    return header
+    return header, 8 + n
 
 
 class _Bad(Exception):

@@ -35,9 +35,7 @@ What a draw is compared on (Jaccard, window IoU, subspace similarity, chance lev
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -137,15 +135,15 @@ class SampleFile(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with self.path.open("rb") as fh:
-            size = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(size))
+        from paratransfer.io.readers import safetensors_layout
+
+        header, start = safetensors_layout(self.path)
         header.pop("__metadata__", None)
         self._places: dict[str, tuple[int, tuple[int, ...]]] = {}
         for name, entry in header.items():
             if entry["dtype"] != "F32":
                 raise ValueError(f"{self.path}: {name} is {entry['dtype']}, expected F32")
-            self._places[name] = (8 + size + entry["data_offsets"][0], tuple(entry["shape"]))
+            self._places[name] = (start + entry["data_offsets"][0], tuple(entry["shape"]))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         start, shape = self._places[name]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from paratransfer.io.errors import UserError
+from paratransfer.io.readers import safetensors_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,14 +149,14 @@ class SafetensorsWeights:
         if not single.is_file():
             raise UserError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors "
                             "checkpoints can be read lazily)")
-        return dict.fromkeys((k for k in _read_header(single) if k != "__metadata__"), single)
+        return dict.fromkeys((k for k in safetensors_header(single) if k != "__metadata__"), single)
 
     def _read_headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         out: dict[str, tuple[str, tuple[int, ...]]] = {}
         for path in sorted(set(self._files.values())):
             if not path.is_file():
                 raise UserError(f"{path}: listed in {INDEX_FILE} but missing")
-            header = _read_header(path)
+            header = safetensors_header(path)
             for key, entry in header.items():
                 if key != "__metadata__" and self._files.get(key) == path:
                     out[key] = (entry["dtype"], tuple(entry["shape"]))
@@ -273,11 +274,3 @@ class SafetensorsWeights:
 
     def __repr__(self) -> str:
         return f"SafetensorsWeights({self.name!r}, {len(self._source)} tensors)"
-
-
-def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), once the file
-    is known to be whole."""
-    from paratransfer.io.readers import safetensors_header
-
-    return safetensors_header(path)
