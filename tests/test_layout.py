@@ -55,3 +55,16 @@ def test_stage_packages_keep_their_old_flat_names():
     assert (extract, ExtractSettings, SensitivityFile) == (function, settings, sensitivity_file)
     with pytest.raises(AttributeError):
         paratransfer.extract.no_such_name  # noqa: B018
+
+
+def test_no_module_imports_an_underscored_name_from_another():
+    import ast
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("paratransfer"):
+                found += [f"{path.relative_to(PACKAGE)}: {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_")
+                          and not a.name.startswith("__")]
+    assert found == []

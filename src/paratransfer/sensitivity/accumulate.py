@@ -28,7 +28,7 @@ from paratransfer.io.errors import UserError
 FORMAT_VERSION = "1"
 
 
-def _fold(acc: torch.Tensor, param: torch.Tensor) -> None:
+def fold(acc: torch.Tensor, param: torch.Tensor) -> None:
     """acc += |θ ⊙ g|, reusing the gradient's storage, then free the gradient (streamed path)."""
     grad = param.grad
     if grad is None:

@@ -42,9 +42,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from paratransfer.io.errors import UserError
-from paratransfer.sensitivity.accumulate import _fold
+from paratransfer.sensitivity.accumulate import fold
 from paratransfer.sensitivity.activations import ActivationStore, offload_folder
-from paratransfer.teacher.streamed import StreamedTeacher, _on_grad, _zeros_like
+from paratransfer.teacher.streamed import StreamedTeacher, on_grad, zero_accumulators
 
 __all__ = ["ActivationStore", "StreamedTeacher", "offload_folder", "sensitivity_shapes",
            "stream_sensitivity", "streamed_sensitivity"]
@@ -94,13 +94,13 @@ def stream_sensitivity(
                        enabled=progress)
     try:
         resident = teacher.load(teacher.resident, requires_grad=True)
-        resident_acc = _zeros_like(resident)
+        resident_acc = zero_accumulators(resident)
         folded: dict[str, set[str]] = {"head": set(), "embedding": set()}
 
         def fold_resident(stage: str):
             def fn(name: str, p: torch.nn.Parameter) -> None:
                 folded[stage].add(name)
-                _fold(resident_acc[name], p)
+                fold(resident_acc[name], p)
             return fn
 
         # ---- forward: embedding, then every layer; each one's input is kept
@@ -121,17 +121,17 @@ def stream_sensitivity(
         # ---- head: loss per sample, its weights' |θ⊙g|, the incoming gradient of each sample
         current = {"i": 0}
         head = teacher.load([teacher.head], requires_grad=True)
-        head_acc = _zeros_like(head) if not teacher.tied else {}
+        head_acc = zero_accumulators(head) if not teacher.tied else {}
 
         def head_grad(name: str, p: torch.nn.Parameter) -> None:
             if teacher.tied:  # the embedding stage adds its part before taking |θ⊙g|
                 store.put(("tied", current["i"]), p.grad)
                 p.grad = None
             else:
-                _fold(head_acc[name], p)
+                fold(head_acc[name], p)
 
-        with torch.enable_grad(), _on_grad(head, head_grad), \
-                _on_grad(resident, fold_resident("head")):
+        with torch.enable_grad(), on_grad(head, head_grad), \
+                on_grad(resident, fold_resident("head")):
             for i, (_, labels) in enumerate(inputs):
                 current["i"] = i
                 hidden = store.pop(("h", L, i)).requires_grad_(True)
@@ -151,8 +151,8 @@ def stream_sensitivity(
         # ---- backward through the layers, last to first, one sample at a time
         for layer in reversed(range(L)):
             params = teacher.load(teacher.layer_names[layer], requires_grad=True)
-            accs = _zeros_like(params)
-            with torch.enable_grad(), _on_grad(params, lambda n, p, a=accs: _fold(a[n], p)):
+            accs = zero_accumulators(params)
+            with torch.enable_grad(), on_grad(params, lambda n, p, a=accs: fold(a[n], p)):
                 for i in range(len(inputs)):
                     hidden = store.pop(("h", layer, i)).requires_grad_(True)
                     out = teacher.layer_forward(layer, hidden)
@@ -166,15 +166,15 @@ def stream_sensitivity(
 
         # ---- embedding (plus the head's part of a tied weight)
         embed = teacher.load([teacher.embed], requires_grad=True)
-        embed_acc = _zeros_like(embed)
+        embed_acc = zero_accumulators(embed)
 
         def embed_grad(name: str, p: torch.nn.Parameter) -> None:
             if teacher.tied:
                 p.grad.add_(store.pop(("tied", current["i"])))
-            _fold(embed_acc[name], p)
+            fold(embed_acc[name], p)
 
-        with torch.enable_grad(), _on_grad(embed, embed_grad), \
-                _on_grad(resident, fold_resident("embedding")):
+        with torch.enable_grad(), on_grad(embed, embed_grad), \
+                on_grad(resident, fold_resident("embedding")):
             for i, (ids, _) in enumerate(inputs):
                 current["i"] = i
                 hidden = teacher.embed_forward(ids)

@@ -215,7 +215,7 @@ class StreamedTeacher:
 
 
 @contextmanager
-def _on_grad(params: Mapping[str, torch.nn.Parameter], fn: Callable[[str, torch.nn.Parameter], None]):
+def on_grad(params: Mapping[str, torch.nn.Parameter], fn: Callable[[str, torch.nn.Parameter], None]):
     handles = [p.register_post_accumulate_grad_hook(lambda p, n=n: fn(n, p))
                for n, p in params.items()]
     try:
@@ -225,5 +225,5 @@ def _on_grad(params: Mapping[str, torch.nn.Parameter], fn: Callable[[str, torch.
             h.remove()
 
 
-def _zeros_like(params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def zero_accumulators(params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     return {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}

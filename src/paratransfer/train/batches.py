@@ -26,11 +26,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(_mix(seed, epoch))
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch))
     return torch.randperm(n, generator=g).tolist()
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """Distinct reproducible seeds for tuples of small integers."""
     h = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)

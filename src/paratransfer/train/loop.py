@@ -19,11 +19,11 @@ import torch
 
 from paratransfer.io.distributed import sum_across_processes
 from paratransfer.train.batches import (
-    _mix,
     batch_digest,
     batch_indices,
     collate,
     micro_batches,
+    mix_seed,
     steps_per_epoch,
 )
 from paratransfer.train.checkpoints import save_checkpoint
@@ -50,7 +50,7 @@ def train_step(run: Run, step: int, scaler) -> dict:
     s, dist = run.settings, run.dist
     indices = batch_indices(len(run.examples), s.batch_size, s.seed, step)
     answer_total = sum(run.examples[i].answer_tokens for i in indices)
-    torch.manual_seed(_mix(s.seed, step, dist.rank))  # LoRA dropout: same masks when resumed
+    torch.manual_seed(mix_seed(s.seed, step, dist.rank))  # LoRA dropout: same masks when resumed
     loss_sum = torch.zeros((), device=run.device)
     part_sums = {name: torch.zeros((), device=run.device) for name in run.objective.parts}
     teacher_seconds = getattr(run.objective, "seconds", 0.0)
