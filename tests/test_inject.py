@@ -126,7 +126,7 @@ def test_plain_lora_conversion(family, model_pairs, adapters, prompts, tmp_path)
 
 
 def test_embedding_conversion_is_needed(model_pairs, adapters, prompts, tmp_path):
-    """Without the by-hand embedding part the converted adapter would be wrong (docs/FACTS.md)."""
+    """Without the by-hand embedding part the converted adapter would be wrong: PEFT's conversion drops embedding adapters."""
     from peft import PeftModel
 
     student_dir = model_pairs["llama"][1]

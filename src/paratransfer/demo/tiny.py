@@ -151,7 +151,7 @@ def _gpt_neox_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads:
 def _phi3_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int):
     from transformers import Phi3Config
 
-    # Phi3Config's default pad_token_id (32000) is outside a tiny vocabulary (docs/FACTS.md).
+    # Phi3Config's default pad_token_id (32000) is outside a tiny vocabulary.
     return Phi3Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,

@@ -32,7 +32,3 @@ def pick_dtype(flag: str | None, device: torch.device) -> torch.dtype:
     if flag not in DTYPES:
         raise UserError(f"--dtype: {flag!r} is not known (expected auto, {', '.join(DTYPES)})")
     return DTYPES[flag]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

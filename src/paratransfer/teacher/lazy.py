@@ -241,13 +241,6 @@ class SafetensorsWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[self.checkpoint_key(name)][1]
 
-    def stored_dtype(self, name: str) -> str:
-        """The safetensors dtype name (`F32`, `BF16`, ...) the tensor is stored in."""
-        return self._entries[self.checkpoint_key(name)][0]
-
-    def numel(self, name: str) -> int:
-        return math.prod(self.shape(name))
-
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 

@@ -114,15 +114,6 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def canonical_names(model: torch.nn.Module) -> dict[str, str]:
-    """Every parameter name (tied aliases included) -> the name `named_parameters()` keeps."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        out[name] = first.setdefault(id(p), name)
-    return out
-
-
 def _fingerprint_items(teacher):
     """(name, shape, first values) per parameter, in `named_parameters()` order, tied once."""
     if isinstance(teacher, torch.nn.Module):
