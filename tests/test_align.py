@@ -177,7 +177,16 @@ def test_non_finite_sensitivity_is_a_user_error(bad):
 
 
 def test_reducer_registry_names():
-    assert set(REDUCERS) == {"window", "rows-cols", "first", "random"}
+    assert set(REDUCERS) == {"window", "window-heads", "rows-cols", "first", "random"}
+    assert [name for name, r in REDUCERS.items() if r.head_aware] == ["window-heads"]
+
+
+def test_window_heads_is_the_window_on_head_units_from_the_one_registry():
+    sens = torch.rand(16, 12, generator=torch.Generator().manual_seed(5))
+    plain, aligned = reduce("window", sens, 8, 6), reduce("window-heads", sens, 8, 6, units=(4, 1))
+    assert aligned.window[0] % 4 == 0 and aligned.take(sens).shape == (8, 6)
+    assert sens[aligned.rows][:, aligned.cols].sum() <= sens[plain.rows][:, plain.cols].sum()
+    assert reduce("window-heads", sens, 8, 6).window == plain.window  # units 1: the window
 
 
 def test_window_reducer_selects_best_block_and_takes_it():

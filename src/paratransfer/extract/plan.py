@@ -155,7 +155,7 @@ def head_units(role: str, teacher: HeadLayout, student: HeadLayout, teacher_shap
 def reduce_part(strategy: str, role: str, sens: torch.Tensor, rows: int, cols: int,
                 units: tuple[int, int], seed: int) -> align.Selection:
     """The role part's selection; `window-heads` is the plain window outside q, k, v, o."""
-    if strategy in align.HEAD_AWARE_REDUCERS and role not in HEAD_ROLES:
+    if strategy in align.REDUCERS and align.REDUCERS[strategy].head_aware and role not in HEAD_ROLES:
         strategy = "window"
     return align.reduce(strategy, sens, rows, cols, seed=seed, units=units)
 
@@ -320,7 +320,7 @@ def extract(
                         skipped=skipped, vocab=vocab.report() if vocab is not None else None)
     t_roles = t_arch.roles()
     heads = None
-    if settings.reduce in align.HEAD_AWARE_REDUCERS:
+    if align.REDUCERS[settings.reduce].head_aware:
         heads = (t_arch.heads(t_config), s_arch.heads(s_config))
 
     teacher_parts = _TeacherParts(weights, t_arch, sensitivity)

@@ -182,16 +182,6 @@ def _reduce_random(
     return Selection(rows=picked_rows, cols=picked_cols, window=None)
 
 
-Reducer = Callable[[torch.Tensor, int, int, torch.Generator], Selection]
-
-REDUCERS: dict[str, Reducer] = {
-    "window": _reduce_window,
-    "rows-cols": _reduce_rows_cols,
-    "first": _reduce_first,
-    "random": _reduce_random,
-}
-
-
 # --- head-aware windows --------------------------------------------------------------------
 
 
@@ -227,11 +217,37 @@ def reduce_window_heads(sens: torch.Tensor, rows: int, cols: int, row_unit: int 
     return _contiguous(*best_window_aligned(sens, rows, cols, row_unit, col_unit), rows, cols)
 
 
-#: Reductions that need the attention-head layout (so not in REDUCERS, whose entries take only
-#: the sensitivity and the block size); used for q, k, v, o, and as `window` elsewhere.
-HEAD_AWARE_REDUCERS: dict[str, Callable[..., Selection]] = {"window-heads": reduce_window_heads}
+Reducer = Callable[[torch.Tensor, int, int, torch.Generator], Selection]
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A `--reduce` strategy: (sensitivity, rows, cols, generator, units) -> the block.
+
+    `head_aware` ones use `units`, the (row, column) steps that keep block sides on attention
+    heads; extraction gives them q, k, v, o and uses `window` for every other role.
+    """
+
+    pick: Callable[[torch.Tensor, int, int, torch.Generator, tuple[int, int]], Selection]
+    head_aware: bool = False
+
+
+def _plain(reducer: Reducer) -> Reduction:
+    """A reduction that needs no head layout (the units are ignored)."""
+    return Reduction(lambda sens, rows, cols, generator, units: reducer(sens, rows, cols, generator))
+
+
+#: Every `--reduce` strategy, by the name a user types.
+REDUCERS: dict[str, Reduction] = {
+    "window": _plain(_reduce_window),
+    "window-heads": Reduction(lambda sens, rows, cols, generator, units:
+                              reduce_window_heads(sens, rows, cols, *units), head_aware=True),
+    "rows-cols": _plain(_reduce_rows_cols),
+    "first": _plain(_reduce_first),
+    "random": _plain(_reduce_random),
+}
 #: Every name `--reduce` accepts.
-REDUCTIONS: tuple[str, ...] = (*REDUCERS, *HEAD_AWARE_REDUCERS)
+REDUCTIONS: tuple[str, ...] = tuple(REDUCERS)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -239,7 +255,7 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _lookup(registry: dict[str, Callable], kind: str, strategy: str) -> Callable:
+def _lookup(registry: dict, kind: str, strategy: str):
     """Registry entry for `strategy`, or a UserError listing the known names."""
     try:
         return registry[strategy]
@@ -254,10 +270,7 @@ def reduce(strategy: str, sens: torch.Tensor, rows: int, cols: int, seed: int = 
 
     `units` (row, column) matter only to head-aware strategies: block corners on multiples.
     """
-    if strategy in HEAD_AWARE_REDUCERS:
-        return HEAD_AWARE_REDUCERS[strategy](sens, rows, cols, *units)
-    reducer = _lookup({**REDUCERS, **HEAD_AWARE_REDUCERS}, "reduction", strategy)
-    return reducer(sens, rows, cols, _generator(seed))
+    return _lookup(REDUCERS, "reduction", strategy).pick(sens, rows, cols, _generator(seed), units)
 
 
 # --- layer selection -----------------------------------------------------------------------
