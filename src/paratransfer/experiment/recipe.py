@@ -17,6 +17,7 @@ import yaml
 from paratransfer.evaluate.run import EvalSettings
 from paratransfer.extract.plan import ExtractSettings
 from paratransfer.io.errors import UserError
+from paratransfer.io.settings import recipe_keys
 from paratransfer.sensitivity.step import SensitivitySettings
 from paratransfer.train.settings import TrainSettings
 
@@ -26,10 +27,7 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
     "extract": {"rank": 16, "alpha": 16.0, "dropout": 0.05, "layers": "sensitivity",
                 "reduce": "window", "modules": "embed,attn,mlp,head", "svd": "auto",
                 "min_vocab_coverage": 0.5, "allow_pad": False},
-    "train": {"init": "transfer", "epochs": 3, "lr": 3e-4, "batch_size": 64,
-              "micro_batch_size": 8, "max_steps": None, "checkpoint_every": 10,
-              "eval_every": None, "distill": False, "distill_weight": 0.5,
-              "distill_temperature": 1.0, "teacher_dtype": "auto"},
+    "train": recipe_keys(TrainSettings),  # the fields `setting(..., recipe=True)` declares
     "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
                  "max_new_tokens": None},
     "run": {"dtype": "auto", "device": "auto"},

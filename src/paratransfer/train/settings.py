@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from paratransfer.io.checks import finite_number, whole_number
 from paratransfer.io.errors import UserError
+from paratransfer.io.settings import setting
 from paratransfer.train.inits import INITS
 
 #: Settings that may differ between a run and its resumption (they do not change the result).
@@ -15,33 +16,49 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Every choice of a training run; the defaults are the paper's recipe (docs/method.md §6)."""
+    """Every choice of a training run; the defaults are the paper's recipe (docs/method.md §6).
 
-    init: str = "transfer"  # a name in train/inits.py: transfer | standard | pissa | spectrum
-    epochs: int = 3
-    lr: float = 3e-4
-    batch_size: int = 64  # effective batch: examples per optimizer step over all processes
-    micro_batch_size: int = 8  # examples per forward pass on one process
-    max_length: int = 2048  # tokens per example (prompt + answer), longer ones are cut
-    max_steps: int | None = None  # stop (and schedule) after this many steps instead of epochs
-    seed: int = 1
-    rank: int | None = None  # LoRA r; None: the adapter's, else 16
-    alpha: float | None = None  # LoRA alpha (scale alpha/r); None: the adapter's, else 16
-    dropout: float = 0.05
-    modules: tuple[str, ...] | None = None  # roles; None: the adapter's, else all
-    warmup_ratio: float = 0.03  # linear warmup over ceil(ratio * steps), then linear decay to 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping as HF Trainer's default; 0 turns it off
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    prompt_format: str = "tulu"
-    checkpoint_every: int = 10  # steps
-    eval_every: int | None = None  # steps between held-out losses (with eval data)
-    distill: str | None = None  # teacher model folder or hub id: logit distillation from it
-    distill_weight: float = 0.5  # λ in (1 − λ)·CE + λ·τ²·KL
-    distill_temperature: float = 1.0  # τ
-    teacher_dtype: str = "auto"  # the distillation teacher's dtype (auto: the training dtype)
-    keep_checkpoints: int = 2
+    Each field is declared once with `setting`: `paratransfer train`'s flags and the recipe's
+    `train` keys come from these fields."""
+
+    init: str = setting("transfer", "; ".join(f"{i.name}: {i.help}" for i in INITS.values()),
+                        recipe=True, choices=list(INITS))  # a name in train/inits.py
+    epochs: int = setting(3, "default {default}", recipe=True)
+    lr: float = setting(3e-4, "peak learning rate (default {default})", recipe=True)
+    batch_size: int = setting(64, "effective batch over all processes (default {default})",
+                              recipe=True)
+    micro_batch_size: int = setting(8, "examples per forward pass per process (default {default})",
+                                    recipe=True)
+    max_length: int = setting(2048, "truncate examples to this many tokens (default {default})")
+    max_steps: int | None = setting(None, "stop after N optimizer steps", recipe=True)
+    seed: int = setting(1, "default {default}")
+    rank: int | None = setting(None, "LoRA r (default: the adapter's, else 16)")
+    alpha: float | None = setting(None, "LoRA alpha (default: the adapter's, else 16)")
+    dropout: float = setting(0.05, "LoRA dropout (default {default})")
+    modules: tuple[str, ...] | None = setting(
+        None, "groups (embed,attn,mlp,head) or roles (default: the adapter's, else all)",
+        parse=lambda text: tuple(text.split(",")))
+    warmup_ratio: float = setting(0.03, "linear warmup over ceil(ratio * steps), then linear "
+                                  "decay to 0", flag=False)
+    weight_decay: float = setting(0.0, "AdamW weight decay", flag=False)
+    max_grad_norm: float = setting(1.0, "gradient clipping as HF Trainer's default; 0 turns it "
+                                   "off", flag=False)
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", flag=False)
+    adam_eps: float = setting(1e-8, "AdamW epsilon", flag=False)
+    prompt_format: str = setting("tulu", "tulu (docs/method.md §1) or chat-template")
+    checkpoint_every: int = setting(10, "steps between checkpoints (default {default})",
+                                    recipe=True)
+    eval_every: int | None = setting(None, "steps between held-out losses (default: about ten "
+                                     "over the run)", recipe=True)
+    distill: str | None = setting(
+        None, "also learn the teacher's next-token distributions (logit distillation; same "
+        "vocabulary): loss (1 - λ)·CE + λ·τ²·KL(teacher ‖ student); the teacher is needed "
+        "during training", recipe=True, recipe_default=False, metavar="TEACHER")
+    distill_weight: float = setting(0.5, "λ (default {default})", recipe=True)
+    distill_temperature: float = setting(1.0, "τ (default {default})", recipe=True)
+    teacher_dtype: str = setting("auto", "dtype of the distillation teacher: auto (the training "
+                                 "dtype), float32, bfloat16, float16", recipe=True)
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", flag=False)
 
     def __post_init__(self) -> None:
         from paratransfer.arch import parse_roles
