@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from paratransfer.adapter.factors import ModuleFactors
 from paratransfer.adapter.lora import ADAPTER_NAME, lora_config
-from paratransfer.extract.plan import ModuleFactors
 
 
 def set_lora_factors(peft_model, factors: Sequence[ModuleFactors], dtype: torch.dtype,

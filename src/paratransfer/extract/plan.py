@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from paratransfer.adapter.factors import ModuleFactors
 from paratransfer.adapter.lora import lora_targets
 from paratransfer.arch import ArchSpec, HeadLayout, ModuleSpec, arch_for, parse_roles
 from paratransfer.extract import factorize
@@ -82,17 +83,6 @@ class ExtractSettings:
         return cls(rank=s["rank"], alpha=s["alpha"], layers=s["layers"], reduce=s["reduce"],
                    modules=s["modules"], svd=s["svd"], seed=seed, dropout=s["dropout"],
                    min_vocab_coverage=s["min_vocab_coverage"], allow_pad=bool(s["allow_pad"]))
-
-
-@dataclass
-class ModuleFactors:
-    """The LoRA pair for one student module, in `[out, in]` orientation: delta = B @ A."""
-
-    spec: ModuleSpec
-    module_name: str
-    B: torch.Tensor
-    A: torch.Tensor
-    energy: float
 
 
 @dataclass
