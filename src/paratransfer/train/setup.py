@@ -138,16 +138,52 @@ def resumable(out: Path) -> bool:
 def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSettings,
           adapter_dir: str | Path | None, dtype: torch.dtype, device: torch.device, dist: Dist,
           resume_from: Path | None, eval_data: str | Path | None = None) -> Run:
-    """Read and check every input, build the LoRA model of the chosen arm and the optimizer."""
-    from paratransfer.adapter.inject import check_adapter_shapes, read_adapter
-    from paratransfer.arch import arch_for
-    from paratransfer.tasks.examples import file_digest
-    from paratransfer.teacher.models import load_model, load_tokenizer, model_label
+    """Read and check every input, build the LoRA model of the chosen arm and the optimizer:
+    data, then model, optimizer, metadata and objective, each a step of its own below."""
+    from paratransfer.adapter.inject import read_adapter
 
     if INITS[settings.init].needs_adapter and adapter_dir is None:
         raise UserError(f"--init {settings.init} needs --adapter ADAPTER_DIR (from "
                         "`paratransfer extract`)")
     adapter = read_adapter(adapter_dir) if adapter_dir is not None else None
+    tokenizer, examples, dropped, heldout = _setup_data(student_id, data_path, settings, dist,
+                                                        eval_data)
+    model, settings, specs, skipped, injection = _setup_model(student_id, settings, adapter,
+                                                             dtype, device)
+    trainable, optimizer = _setup_optimizer(model, settings, dist)
+    per_epoch = steps_per_epoch(len(examples), settings.batch_size)
+    total = settings.max_steps or settings.epochs * per_epoch
+    if heldout and settings.eval_every is None:  # about ten points on the curve
+        settings = replace(settings, eval_every=max(1, math.ceil(total / 10)))
+    meta = {
+        **_inputs_metadata(student_id, data_path, adapter_dir, settings, dist, dtype, device),
+        "examples": len(examples),
+        "dropped_no_answer": dropped,
+        "steps": total,
+        "steps_per_epoch": per_epoch,
+        "grad_accumulation": math.ceil(settings.batch_size / (settings.micro_batch_size * dist.world)),
+        "warmup_steps": math.ceil(settings.warmup_ratio * total),
+        "target_modules": [s.path for s in specs],
+        "skipped": skipped,
+        "injection": injection,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "heldout": _heldout_metadata(eval_data, heldout, settings),
+    }
+    objective = _setup_objective(settings, tokenizer, dtype, device, meta)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
+              dtype, dist, out, meta, heldout=heldout, objective=objective)
+    if resume_from is not None:
+        restore_checkpoint(run, resume_from)
+    return run
+
+
+def _setup_data(student_id: str, data_path: str | Path, settings: TrainSettings, dist: Dist,
+                eval_data: str | Path | None) -> tuple[object, list, int, list]:
+    """The student's tokenizer, the training examples (and how many were dropped), the
+    held-out examples."""
+    from paratransfer.teacher.models import load_tokenizer
+
     tokenizer = load_tokenizer(student_id)
     examples, dropped = load_examples(data_path, tokenizer, settings.prompt_format,
                                       settings.max_length)
@@ -162,6 +198,17 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         heldout, _ = load_examples(eval_data, tokenizer, settings.prompt_format, settings.max_length)
     elif settings.eval_every is not None:
         raise UserError("--eval-every: give the held-out examples to score with --eval-data FILE")
+    return tokenizer, examples, dropped, heldout
+
+
+def _setup_model(student_id: str, settings: TrainSettings, adapter, dtype: torch.dtype,
+                 device: torch.device) -> tuple[object, TrainSettings, list, list[dict], dict | None]:
+    """The student wrapped with LoRA and initialized by the arm; the settings completed from
+    the adapter; the wrapped modules, the skipped roles and what the init did."""
+    from paratransfer.adapter.inject import check_adapter_shapes
+    from paratransfer.arch import arch_for
+    from paratransfer.teacher.models import load_model
+
     student = load_model(student_id, dtype=dtype, device=device)
     if adapter is not None:
         check_adapter_shapes(student, adapter)
@@ -170,17 +217,28 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     check_rank(student, specs, settings.rank)
     model = build_lora_model(student, specs, settings, student_id)
     injection = init_lora(model, settings, adapter)
+    return model, settings, specs, skipped, injection
+
+
+def _setup_optimizer(model, settings: TrainSettings, dist: Dist) -> tuple[list, torch.optim.Optimizer]:
+    """The trainable parameters (the same start on every process) and their AdamW."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if dist.world > 1:  # identical start on every process, whatever each drew at random
         for p in trainable:
             torch.distributed.broadcast(p.data, src=0)
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.adam_betas,
                                   eps=settings.adam_eps, weight_decay=settings.weight_decay)
-    per_epoch = steps_per_epoch(len(examples), settings.batch_size)
-    total = settings.max_steps or settings.epochs * per_epoch
-    if heldout and settings.eval_every is None:  # about ten points on the curve
-        settings = replace(settings, eval_every=max(1, math.ceil(total / 10)))
-    meta = {
+    return trainable, optimizer
+
+
+def _inputs_metadata(student_id: str, data_path: str | Path, adapter_dir: str | Path | None,
+                     settings: TrainSettings, dist: Dist, dtype: torch.dtype,
+                     device: torch.device) -> dict:
+    """The first part of train.json: what the run read and how it was set."""
+    from paratransfer.tasks.examples import file_digest
+    from paratransfer.teacher.models import model_label
+
+    return {
         "paratransfer_version": __version__,
         "student": model_label(student_id),
         "data": str(Path(data_path).resolve()),
@@ -194,38 +252,35 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         "world_size": dist.world,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
-        "examples": len(examples),
-        "dropped_no_answer": dropped,
-        "steps": total,
-        "steps_per_epoch": per_epoch,
-        "grad_accumulation": math.ceil(settings.batch_size / (settings.micro_batch_size * dist.world)),
-        "warmup_steps": math.ceil(settings.warmup_ratio * total),
-        "target_modules": [s.path for s in specs],
-        "skipped": skipped,
-        "injection": injection,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "heldout": ({"data": str(Path(eval_data).resolve()), "data_sha256": file_digest(eval_data),
-                     "examples": len(heldout), "every": settings.eval_every}
-                    if eval_data is not None else None),
     }
-    objective = CrossEntropy()
-    if settings.distill is not None:
-        from paratransfer.io.devices import DTYPES
-        from paratransfer.train.objectives import load_distillation
 
-        teacher_dtype = dtype if settings.teacher_dtype == "auto" else DTYPES[settings.teacher_dtype]
-        objective = load_distillation(settings.distill, tokenizer, settings.distill_weight,
-                                      settings.distill_temperature, teacher_dtype, device)
-        meta["distill"] = {"teacher": model_label(settings.distill),
-                           "weight": settings.distill_weight,
-                           "temperature": settings.distill_temperature,
-                           "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
-                           "teacher_parameters": sum(p.numel() for p in
-                                                     objective.teacher.parameters()),
-                           "vocabulary": objective.vocab}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
-              dtype, dist, out, meta, heldout=heldout, objective=objective)
-    if resume_from is not None:
-        restore_checkpoint(run, resume_from)
-    return run
+
+def _heldout_metadata(eval_data: str | Path | None, heldout: list,
+                      settings: TrainSettings) -> dict | None:
+    from paratransfer.tasks.examples import file_digest
+
+    if eval_data is None:
+        return None
+    return {"data": str(Path(eval_data).resolve()), "data_sha256": file_digest(eval_data),
+            "examples": len(heldout), "every": settings.eval_every}
+
+
+def _setup_objective(settings: TrainSettings, tokenizer, dtype: torch.dtype,
+                     device: torch.device, meta: dict):
+    """Cross-entropy, or distillation from the teacher (recorded in `meta["distill"]`)."""
+    if settings.distill is None:
+        return CrossEntropy()
+    from paratransfer.io.devices import DTYPES
+    from paratransfer.teacher.models import model_label
+    from paratransfer.train.objectives import load_distillation
+
+    teacher_dtype = dtype if settings.teacher_dtype == "auto" else DTYPES[settings.teacher_dtype]
+    objective = load_distillation(settings.distill, tokenizer, settings.distill_weight,
+                                  settings.distill_temperature, teacher_dtype, device)
+    meta["distill"] = {"teacher": model_label(settings.distill),
+                       "weight": settings.distill_weight,
+                       "temperature": settings.distill_temperature,
+                       "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
+                       "teacher_parameters": sum(p.numel() for p in objective.teacher.parameters()),
+                       "vocabulary": objective.vocab}
+    return objective
