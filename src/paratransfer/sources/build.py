@@ -205,33 +205,10 @@ def build_data(settings: DataSettings, out: str | Path, *, overwrite: bool = Fal
     used: dict[str, Any] = {}
     train_order: list[int] = []
     if settings.train_count:
-        pool = _Pool(train_spec, pick_split(source, train_spec, where))
-        _check_columns(fmt, pool, columns, where)
-        if settings.train_count > pool.size:
-            raise UserError(f"--train-count {settings.train_count}: split {train_spec!r} of {where} "
-                            f"has only {pool.size} rows")
-        train_order = _lowest(settings.train_count, range(pool.size), settings.seed, "train",
-                              train_spec)
-        records["train"] = _records(fmt, pool, train_order, columns, where)
-        records["seeds"] = [_as_seed(fmt, r) for r in records["train"][: settings.seeds_count]]
-        used.update({name: ds for name, ds in pool.parts})
+        train_order = _draw_train(fmt, source, settings, columns, where, train_spec, records, used)
     if settings.eval_count != 0:
-        if eval_spec == "rest":
-            pool = _Pool(train_spec, pick_split(source, train_spec, where))
-            drawn = set(train_order)
-            candidates = [i for i in range(pool.size) if i not in drawn]
-        else:
-            pool = _Pool(eval_spec, pick_split(source, eval_spec, where))
-            candidates = list(range(pool.size))
-        _check_columns(fmt, pool, columns, where)
-        count = len(candidates) if settings.eval_count is None else settings.eval_count
-        if count > len(candidates) or count == 0:
-            raise UserError(f"--eval-count {count}: split {eval_spec!r} of {where} has "
-                            f"{len(candidates)} rows to evaluate on (expected 1 to {len(candidates)})")
-        chosen = candidates if count == len(candidates) else sorted(
-            _lowest(count, candidates, settings.seed, "eval", pool.label))
-        records["eval"] = _records(fmt, pool, chosen, columns, where)
-        used.update({name: ds for name, ds in pool.parts})
+        _draw_eval(fmt, source, settings, columns, where, train_spec, eval_spec, train_order,
+                   records, used)
     for name, recs in records.items():
         if recs:
             _unique_ids(recs, f"{name}.jsonl")
@@ -261,3 +238,43 @@ def build_data(settings: DataSettings, out: str | Path, *, overwrite: bool = Fal
                 info["files"][f"{name}.jsonl"] = file_digest(tmp / f"{name}.jsonl")
         write_json(tmp / "data.json", info)
     return info
+
+
+def _draw_train(fmt: TaskFormat, source: Source, settings: DataSettings, columns: dict, where: str,
+                train_spec: str, records: dict[str, list[dict[str, Any]]],
+                used: dict[str, Any]) -> list[int]:
+    """Draw the training rows (and the seeds, their first ones) into `records`; the rows' order."""
+    pool = _Pool(train_spec, pick_split(source, train_spec, where))
+    _check_columns(fmt, pool, columns, where)
+    if settings.train_count > pool.size:
+        raise UserError(f"--train-count {settings.train_count}: split {train_spec!r} of {where} "
+                        f"has only {pool.size} rows")
+    train_order = _lowest(settings.train_count, range(pool.size), settings.seed, "train",
+                          train_spec)
+    records["train"] = _records(fmt, pool, train_order, columns, where)
+    records["seeds"] = [_as_seed(fmt, r) for r in records["train"][: settings.seeds_count]]
+    used.update({name: ds for name, ds in pool.parts})
+    return train_order
+
+
+def _draw_eval(fmt: TaskFormat, source: Source, settings: DataSettings, columns: dict, where: str,
+               train_spec: str, eval_spec: str, train_order: list[int],
+               records: dict[str, list[dict[str, Any]]], used: dict[str, Any]) -> None:
+    """Draw the evaluation rows into `records` (from the rest of the training split with
+    `rest`)."""
+    if eval_spec == "rest":
+        pool = _Pool(train_spec, pick_split(source, train_spec, where))
+        drawn = set(train_order)
+        candidates = [i for i in range(pool.size) if i not in drawn]
+    else:
+        pool = _Pool(eval_spec, pick_split(source, eval_spec, where))
+        candidates = list(range(pool.size))
+    _check_columns(fmt, pool, columns, where)
+    count = len(candidates) if settings.eval_count is None else settings.eval_count
+    if count > len(candidates) or count == 0:
+        raise UserError(f"--eval-count {count}: split {eval_spec!r} of {where} has "
+                        f"{len(candidates)} rows to evaluate on (expected 1 to {len(candidates)})")
+    chosen = candidates if count == len(candidates) else sorted(
+        _lowest(count, candidates, settings.seed, "eval", pool.label))
+    records["eval"] = _records(fmt, pool, chosen, columns, where)
+    used.update({name: ds for name, ds in pool.parts})
