@@ -70,6 +70,8 @@ def stream_sensitivity(
     `weights` is a `SafetensorsWeights`; every finished parameter goes to `sink(name, fp32
     tensor)` (under torch.distributed, summed over the processes first and sunk on rank 0 only).
     Returns the number of samples used (those with at least one answer token to predict).
+    The stages: forward through embedding and layers (inputs kept), the head (loss, its
+    gradient), backward through the layers last to first, the embedding, the resident weights.
     """
     from paratransfer.io.console import progress as progress_bar
 
@@ -80,60 +82,83 @@ def stream_sensitivity(
     samples = [s for s in samples if any(v != -100 for v in list(s["labels"])[1:])]
     inputs = [(torch.tensor([list(s["input_ids"])], device=device),
                torch.tensor([list(s["labels"])], device=device)) for s in samples]
-    distributed = dist is not None and dist.world > 1
-
-    def finish(accumulators: Mapping[str, torch.Tensor]) -> None:
-        for name, acc in accumulators.items():
-            if distributed:
-                torch.distributed.reduce(acc, dst=0)
-            if not distributed or dist.main:
-                sink(name, acc)
-
-    L = teacher.num_layers
-    bar = progress_bar(total=2 * L + 4, desc="sensitivity (streamed)", unit="stage",
-                       enabled=progress)
+    bar = progress_bar(total=2 * teacher.num_layers + 4, desc="sensitivity (streamed)",
+                       unit="stage", enabled=progress)
     try:
-        resident = teacher.load(teacher.resident, requires_grad=True)
-        resident_acc = zero_accumulators(resident)
-        folded: dict[str, set[str]] = {"head": set(), "embedding": set()}
+        run = _Stream(teacher, store, inputs, sink, dist, bar)
+        run.forward()
+        run.head()
+        run.layers_backward()
+        run.embedding()
+        run.resident_weights()
+    finally:
+        bar.close()
+        if own_store:
+            store.close()
+    return len(inputs)
 
-        def fold_resident(stage: str):
-            def fn(name: str, p: torch.nn.Parameter) -> None:
-                folded[stage].add(name)
-                fold(resident_acc[name], p)
-            return fn
 
-        # ---- forward: embedding, then every layer; each one's input is kept
+class _Stream:
+    """The state the stages of one `stream_sensitivity` share: the teacher, the kept
+    activations and gradients, the resident weights' sums and where they were used."""
+
+    def __init__(self, teacher: StreamedTeacher, store: ActivationStore, inputs: list, sink: Sink,
+                 dist, bar) -> None:
+        self.teacher, self.store, self.inputs, self.sink, self.dist, self.bar = (
+            teacher, store, inputs, sink, dist, bar)
+        self.distributed = dist is not None and dist.world > 1
+        self.resident = teacher.load(teacher.resident, requires_grad=True)
+        self.resident_acc = zero_accumulators(self.resident)
+        self.folded: dict[str, set[str]] = {"head": set(), "embedding": set()}
+        self.current = 0  # the sample whose backward runs (for the tied head's part)
+
+    def finish(self, accumulators: Mapping[str, torch.Tensor]) -> None:
+        for name, acc in accumulators.items():
+            if self.distributed:
+                torch.distributed.reduce(acc, dst=0)
+            if not self.distributed or self.dist.main:
+                self.sink(name, acc)
+
+    def fold_resident(self, stage: str):
+        def fn(name: str, p: torch.nn.Parameter) -> None:
+            self.folded[stage].add(name)
+            fold(self.resident_acc[name], p)
+        return fn
+
+    def forward(self) -> None:
+        """Embedding, then every layer; each one's input is kept."""
+        teacher, store, L = self.teacher, self.store, self.teacher.num_layers
         with torch.no_grad():
             teacher.load([teacher.embed])
-            for i, (ids, _) in enumerate(inputs):
+            for i, (ids, _) in enumerate(self.inputs):
                 store.put(("h", 0, i), teacher.embed_forward(ids))
             teacher.free([teacher.embed])
-            bar.update()
+            self.bar.update()
             for layer in range(L):
                 teacher.load(teacher.layer_names[layer])
-                for i in range(len(inputs)):
+                for i in range(len(self.inputs)):
                     store.put(("h", layer + 1, i),
                               teacher.layer_forward(layer, store.get(("h", layer, i))))
                 teacher.free(teacher.layer_names[layer])
-                bar.update()
+                self.bar.update()
 
-        # ---- head: loss per sample, its weights' |θ⊙g|, the incoming gradient of each sample
-        current = {"i": 0}
+    def head(self) -> None:
+        """Loss per sample, the head weights' |θ⊙g|, the incoming gradient of each sample."""
+        teacher, store, L = self.teacher, self.store, self.teacher.num_layers
         head = teacher.load([teacher.head], requires_grad=True)
         head_acc = zero_accumulators(head) if not teacher.tied else {}
 
         def head_grad(name: str, p: torch.nn.Parameter) -> None:
             if teacher.tied:  # the embedding stage adds its part before taking |θ⊙g|
-                store.put(("tied", current["i"]), p.grad)
+                store.put(("tied", self.current), p.grad)
                 p.grad = None
             else:
                 fold(head_acc[name], p)
 
         with torch.enable_grad(), on_grad(head, head_grad), \
-                on_grad(resident, fold_resident("head")):
-            for i, (_, labels) in enumerate(inputs):
-                current["i"] = i
+                on_grad(self.resident, self.fold_resident("head")):
+            for i, (_, labels) in enumerate(self.inputs):
+                self.current = i
                 hidden = store.pop(("h", L, i)).requires_grad_(True)
                 loss = teacher.head_loss(hidden, labels)
                 if not math.isfinite(loss.item()):
@@ -142,62 +167,63 @@ def stream_sensitivity(
                 loss.backward()
                 store.put(("g", i), hidden.grad)
                 del hidden, loss  # the graph's nodes would keep the head's weight alive
-        finish(head_acc)
+        self.finish(head_acc)
         teacher.free([teacher.head])
         del head
         head_acc.clear()
-        bar.update()
+        self.bar.update()
 
-        # ---- backward through the layers, last to first, one sample at a time
-        for layer in reversed(range(L)):
+    def layers_backward(self) -> None:
+        """Backward through the layers, last to first, one sample at a time."""
+        teacher, store = self.teacher, self.store
+        for layer in reversed(range(teacher.num_layers)):
             params = teacher.load(teacher.layer_names[layer], requires_grad=True)
             accs = zero_accumulators(params)
             with torch.enable_grad(), on_grad(params, lambda n, p, a=accs: fold(a[n], p)):
-                for i in range(len(inputs)):
+                for i in range(len(self.inputs)):
                     hidden = store.pop(("h", layer, i)).requires_grad_(True)
                     out = teacher.layer_forward(layer, hidden)
                     torch.autograd.backward(out, store.pop(("g", i)))
                     store.put(("g", i), hidden.grad)
                     del hidden, out
-            finish(accs)
+            self.finish(accs)
             teacher.free(teacher.layer_names[layer])
             del params, accs
-            bar.update()
+            self.bar.update()
 
-        # ---- embedding (plus the head's part of a tied weight)
+    def embedding(self) -> None:
+        """The embedding (plus the head's part of a tied weight)."""
+        teacher, store = self.teacher, self.store
         embed = teacher.load([teacher.embed], requires_grad=True)
         embed_acc = zero_accumulators(embed)
 
         def embed_grad(name: str, p: torch.nn.Parameter) -> None:
             if teacher.tied:
-                p.grad.add_(store.pop(("tied", current["i"])))
+                p.grad.add_(store.pop(("tied", self.current)))
             fold(embed_acc[name], p)
 
         with torch.enable_grad(), on_grad(embed, embed_grad), \
-                on_grad(resident, fold_resident("embedding")):
-            for i, (ids, _) in enumerate(inputs):
-                current["i"] = i
+                on_grad(self.resident, self.fold_resident("embedding")):
+            for i, (ids, _) in enumerate(self.inputs):
+                self.current = i
                 hidden = teacher.embed_forward(ids)
                 torch.autograd.backward(hidden, store.pop(("g", i)))
                 del hidden
-        finish(embed_acc)
+        self.finish(embed_acc)
         teacher.free([teacher.embed])
         del embed
         embed_acc.clear()
-        bar.update()
+        self.bar.update()
 
-        both = folded["head"] & folded["embedding"]
+    def resident_weights(self) -> None:
+        """The resident weights (in memory for the whole run), once every stage added to them."""
+        both = self.folded["head"] & self.folded["embedding"]
         if both:
             raise UserError(f"{sorted(both)[0]}: used both before and after the decoder layers; "
                             "streaming cannot keep its per-sample gradient (use the in-memory path)")
-        finish(resident_acc)
-        teacher.free(teacher.resident)
-        bar.update()
-    finally:
-        bar.close()
-        if own_store:
-            store.close()
-    return len(inputs)
+        self.finish(self.resident_acc)
+        self.teacher.free(self.teacher.resident)
+        self.bar.update()
 
 
 def streamed_sensitivity(weights, samples, **kwargs) -> tuple[dict[str, torch.Tensor], int]:
