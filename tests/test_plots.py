@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from paratransfer.experiment.plots import plot_sensitivity, role_sensitivity
 from paratransfer.extract.plan import ExtractSettings
+from paratransfer.extract.plots import plot_sensitivity, role_sensitivity
 from paratransfer.extract.step import run_extract
 from paratransfer.sensitivity.accumulate import SensitivityFile
 from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity

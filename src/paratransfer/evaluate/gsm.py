@@ -25,7 +25,7 @@ _NUMBER = re.compile(
     r"(?:(?<![\w)\]])(?P<sign>[-\u2212]))?\$?"
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 )
-_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations "<<2*3=6>>"
+CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations "<<2*3=6>>"
 
 #: The fixed worked examples of `--shots K` without `--shots-data` (our own, not GSM8K's text).
 FIXED_SHOTS: tuple[tuple[str, str], ...] = (
@@ -92,7 +92,7 @@ def worked_answer(answer: str, gold: str) -> str:
     so GSM8K records can serve as worked examples next to the project's chat records.
     """
     if "####" in answer:
-        steps = " ".join(_CALCULATOR.sub("", answer.rsplit("####", 1)[0]).split())
+        steps = " ".join(CALCULATOR.sub("", answer.rsplit("####", 1)[0]).split())
         answer = f"{steps} So the answer is {gold}." if steps else f"So the answer is {gold}."
     answer = answer.strip()
     return answer if answer.startswith("Answer:") else f"Answer: {answer}"

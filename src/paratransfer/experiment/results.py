@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from paratransfer.experiment.plots import plot_results, plot_sensitivity
+from paratransfer.extract.plots import plot_results, plot_sensitivity
 from paratransfer.io.outputs import atomic_file, write_json
 from paratransfer.sensitivity.accumulate import SensitivityFile
 

@@ -52,8 +52,8 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
                 force: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """`paratransfer extract`: write a PEFT adapter + transfer.json + layer plot into `out`."""
     from paratransfer.adapter.write import write_adapter
-    from paratransfer.experiment.plots import plot_layer_scores
     from paratransfer.extract.plan import extract, vocabulary_for
+    from paratransfer.extract.plots import plot_layer_scores
     from paratransfer.sensitivity.accumulate import SensitivityFile
 
     out = check_output_path(out, overwrite, [teacher_id, student_id, seeds, sensitivity_path])

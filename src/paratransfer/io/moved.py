@@ -32,7 +32,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "data": ("tasks.examples",),
     "stability_figures": ("stability.figures",), "stability_report": ("stability.report",),
     "recipe": ("experiment.recipe",), "preflight": ("experiment.preflight",),
-    "results": ("experiment.results",), "plots": ("experiment.plots",),
+    "results": ("experiment.results",), "plots": ("extract.plots",),
     "tiny": ("demo.tiny",),
 }
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from paratransfer.evaluate.gsm import CALCULATOR as GSM_CALCULATOR
 from paratransfer.evaluate.gsm import INSTRUCTION as GSM_INSTRUCTION
 from paratransfer.evaluate.mmlu import LETTERS, header_for
 from paratransfer.io.errors import UserError
@@ -93,7 +94,6 @@ def _chat(user: str, assistant: str) -> list[dict[str, str]]:
 
 # --------------------------------------------------------------------------- GSM
 
-_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations "<<48/2=24>>"
 
 
 def gsm_answer(answer: str) -> str:
@@ -110,7 +110,7 @@ def gsm_answer(answer: str) -> str:
         final = final.strip()
         if not final:
             raise BadRow('answer has nothing after "####" (expected the final number)')
-        steps = _CALCULATOR.sub("", steps).strip().replace("\n", " ")
+        steps = GSM_CALCULATOR.sub("", steps).strip().replace("\n", " ")
         if steps and not steps.endswith("."):
             steps += "."
         text = f"{steps} So the answer is {final}." if steps else f"So the answer is {final}."
