@@ -27,6 +27,9 @@ def register(sub) -> None:
                    help="adapter from `paratransfer extract` (needed for --init "
                         f"{'/'.join(n for n, i in INITS.items() if i.needs_adapter)}; with the "
                         "others it only supplies rank, alpha and modules)")
+    p.add_argument("--init-batches", type=int, default=d.init_batches,
+                   help="for --init eva/corda: how many of training's first effective batches "
+                        f"they read (default {d.init_batches})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -88,6 +91,7 @@ def _cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
         distill=args.distill, distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature, teacher_dtype=args.teacher_dtype,
+        init_batches=args.init_batches,
     )
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

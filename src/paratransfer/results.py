@@ -73,6 +73,8 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("transfer", "lora", "the transferred initialization"),
     ("transfer", "spectrum", "the teacher's directions"),
     ("transfer", "pissa", "the teacher's subspace over the student's own"),
+    ("transfer", "eva", "the teacher over the student's own task data (EVA)"),
+    ("transfer", "corda", "the teacher over the student's own task data (CorDA)"),
     ("distill", "lora", "distillation from the teacher"),
     ("transfer", "distill", "parametric transfer over distillation"),
 )

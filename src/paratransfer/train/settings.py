@@ -17,7 +17,7 @@ _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints"}
 class TrainSettings:
     """Every choice of a training run; the defaults are the paper's recipe (docs/method.md §6)."""
 
-    init: str = "transfer"  # a name in train/inits.py: transfer | standard | pissa | spectrum
+    init: str = "transfer"  # a name in train/inits.py: transfer | standard | pissa | spectrum | eva | corda
     epochs: int = 3
     lr: float = 3e-4
     batch_size: int = 64  # effective batch: examples per optimizer step over all processes
@@ -42,6 +42,7 @@ class TrainSettings:
     distill_temperature: float = 1.0  # τ
     teacher_dtype: str = "auto"  # the distillation teacher's dtype (auto: the training dtype)
     keep_checkpoints: int = 2
+    init_batches: int = 4  # effective batches of the training data that eva / corda read
 
     def __post_init__(self) -> None:
         from paratransfer.arch import parse_roles
@@ -56,7 +57,8 @@ class TrainSettings:
                                   ("eval_every", "--eval-every", 1),
                                   ("max_steps", "--max-steps", 1), ("rank", "--rank", 1),
                                   ("seed", "--seed", None),
-                                  ("keep_checkpoints", "keep_checkpoints", 1)):
+                                  ("keep_checkpoints", "keep_checkpoints", 1),
+                                  ("init_batches", "--init-batches", 1)):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, whole_number(flag, getattr(self, name), least))
         for name, flag in (("lr", "--lr"), ("alpha", "--alpha"), ("dropout", "--dropout"),

@@ -82,26 +82,48 @@ def check_rank(student, specs: list, rank: int) -> None:
             rank_fits(rank, tuple(spec.to_linear(params[name]).shape), name)
 
 
-def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str):
+def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str,
+                     data=None):
     """Wrap the student with PEFT LoRA, seeded; the arm's init says how PEFT fills the factors
-    (its default for most, PiSSA for `pissa`)."""
+    (its default for most, PiSSA for `pissa`) and what it does first (`prepare`, with the
+    training data `data` for the inits that need it)."""
     from peft import LoraConfig, get_peft_model
 
     from paratransfer.arch import arch_for
 
+    init = INITS[settings.init]
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=arch_for(student).peft_targets(specs),
                         fan_in_fan_out=any(s.conv1d for s in specs), bias="none",
                         task_type="CAUSAL_LM", base_model_name_or_path=student_id,
-                        init_lora_weights=INITS[settings.init].peft_init)
+                        init_lora_weights=init.peft_init,
+                        **(init.lora_kwargs() if init.lora_kwargs is not None else {}))
+    if init.needs_data and data is None:
+        raise ValueError(f"init {init.name} reads the training data: pass `data`")
+    if init.prepare is not None:
+        init.prepare(student, config, data)
     torch.manual_seed(settings.seed)
     return get_peft_model(student, config)
 
 
-def init_lora(peft_model, settings: TrainSettings, adapter) -> dict | None:
+def init_lora(peft_model, settings: TrainSettings, adapter, data=None) -> dict | None:
     """The one place the arms differ: the named init sets the factors (train/inits.py)."""
     init = INITS[settings.init]
-    return init.apply(peft_model, adapter, settings.seed) if init.apply is not None else None
+    if init.apply is None:
+        return None
+    extra = {"data": data} if init.needs_data else {}
+    return init.apply(peft_model, adapter, settings.seed, **extra)
+
+
+def data_for_init(examples: list, settings: TrainSettings, pad_id: int, device, total: int):
+    """The training data a data-driven init reads (None for the others): the first
+    `init_batches` effective batches of training, at most the run's steps."""
+    if not INITS[settings.init].needs_data:
+        return None
+    from paratransfer.train.data_inits import init_data
+
+    return init_data(examples, settings.batch_size, settings.micro_batch_size, settings.seed,
+                     min(settings.init_batches, total), pad_id, device)
 
 
 def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
@@ -178,16 +200,18 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     settings = resolve_settings(settings, adapter, arch_for(student))
     specs, skipped = lora_targets(student, settings.modules)
     check_rank(student, specs, settings.rank)
-    model = build_lora_model(student, specs, settings, student_id)
-    injection = init_lora(model, settings, adapter)
+    per_epoch = steps_per_epoch(len(examples), settings.batch_size)
+    total = settings.max_steps or settings.epochs * per_epoch
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    data = data_for_init(examples, settings, pad_id, device, total)
+    model = build_lora_model(student, specs, settings, student_id, data)
+    injection = init_lora(model, settings, adapter, data)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if dist.world > 1:  # identical start on every process, whatever each drew at random
         for p in trainable:
             torch.distributed.broadcast(p.data, src=0)
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.adam_betas,
                                   eps=settings.adam_eps, weight_decay=settings.weight_decay)
-    per_epoch = steps_per_epoch(len(examples), settings.batch_size)
-    total = settings.max_steps or settings.epochs * per_epoch
     if heldout and settings.eval_every is None:  # about ten points on the curve
         settings = replace(settings, eval_every=max(1, math.ceil(total / 10)))
     meta = {
@@ -233,7 +257,6 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
                            "teacher_parameters": sum(p.numel() for p in
                                                      objective.teacher.parameters()),
                            "vocabulary": objective.vocab}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
               dtype, dist, out, meta, heldout=heldout, objective=objective)
     if resume_from is not None:
