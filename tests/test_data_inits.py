@@ -323,3 +323,40 @@ def test_recipe_arms_eva_and_corda_with_their_contrasts(model_pairs, seeds_file,
         info = json.loads((tmp_path / "run" / "arms" / arm / "seed-1" / "train" /
                            "train.json").read_text())
         assert info["init"] == arm and info["injection"]["data"]["batches"] == 2
+
+
+def test_eva_refuses_batches_too_small_for_the_rank(model_pairs, tmp_path):
+    """PEFT's EVA skips micro-batches with fewer answer tokens than the rank and, with none
+    left, would never end: refused with a one-line error instead."""
+    from paratransfer.errors import UserError
+
+    records = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Say {i}."},
+                                            {"role": "assistant", "content": "k"}]}
+               for i in range(4)]
+    data = write_jsonl(tmp_path / "short.jsonl", records)
+    settings = TrainSettings(init="eva", lr=1e-2, **{**FAST, "micro_batch_size": 1, "rank": 8})
+    with pytest.raises(UserError, match="no micro-batch .* has 8 answer tokens"):
+        run_train(str(model_pairs["llama"][1]), data, tmp_path / "run", settings, progress=False)
+
+
+def test_a_checkpoint_from_before_init_batches_still_resumes(model_pairs, train_file, tmp_path):
+    """A setting added since a checkpoint was written (`init_batches`) is accepted at its
+    default; a changed setting is still refused."""
+    from paratransfer.errors import UserError
+    from paratransfer.train.checkpoints import CHECKPOINTS, STATE
+
+    student_dir = model_pairs["llama"][1]
+    settings = TrainSettings(init="standard", lr=1e-2, checkpoint_every=1, **FAST)
+    run_train(str(student_dir), train_file, tmp_path / "run", settings, progress=False,
+              stop_after=1)
+    state = tmp_path / "run" / CHECKPOINTS / "step-000001" / STATE
+    info = json.loads(state.read_text())
+    del info["meta"]["settings"]["init_batches"]
+    state.write_text(json.dumps(info))
+    with pytest.raises(UserError, match="setting lr is"):
+        run_train(str(student_dir), train_file, tmp_path / "run",
+                  TrainSettings(init="standard", lr=2e-2, checkpoint_every=1, **FAST),
+                  progress=False, resume=True)
+    result = run_train(str(student_dir), train_file, tmp_path / "run", settings, progress=False,
+                       resume=True)
+    assert result.complete and result.summary["steps_done"] == 3

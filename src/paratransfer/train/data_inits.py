@@ -146,10 +146,16 @@ def apply_eva(peft_model, data: InitData) -> dict:
         return _forward(model, inputs)
 
     embeddings = _embedding_layers(peft_model)
+    rank = peft_model.peft_config[ADAPTER_NAME].r
+    most = max(int((b["labels"] != IGNORE_INDEX).sum()) for b in data.batches)
+    if most < rank:  # PEFT skips such batches, and with none left would loop for ever
+        raise UserError(f"--init eva: no micro-batch of the first {data.record['batches']} "
+                        f"training batches has {rank} answer tokens (the most is {most}); EVA "
+                        "needs at least the rank: raise --micro-batch-size or --init-batches")
     with warnings.catch_warnings():
         # PEFT says it left the embedding at its default init: that is done below.
         warnings.filterwarnings("ignore", message="the following layers were initialized with")
-        with contextlib.redirect_stdout(None):  # its "skipping SVD" prints; counted below
+        with contextlib.redirect_stdout(None):  # its "skipping SVD" lines for small batches
             initialize_lora_eva_weights(peft_model, dataloader=data.batches, forward_fn=forward,
                                         gather_distributed_inputs=False, show_progress_bar=False)
     answer_ids = torch.cat([b["input_ids"][b["labels"] != IGNORE_INDEX] for b in data.batches])
