@@ -216,7 +216,7 @@ def corda_embedding_factors(weight: torch.Tensor, token_ids: list[torch.Tensor],
         counts += torch.bincount(ids.flatten().cpu(), minlength=vocab).double()
     c = counts / len(token_ids)
     c = c + c.mean() * 0.01
-    u, s, vh = torch.linalg.svd(weight.double().T * c, full_matrices=False)
+    u, s, vh = torch.linalg.svd(weight.detach().double().cpu().T * c, full_matrices=False)
     v = (vh / c).T
     root = torch.sqrt(s[:rank] / scale)
     return u[:, :rank] * root, root[:, None] * v[:, :rank].T
