@@ -9,7 +9,7 @@ import math
 import statistics
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paratransfer.heldout_contrasts import NO_HELDOUT, loss_sentence, run_measures
@@ -54,6 +54,7 @@ def test_t_quantile_agrees_with_the_table_and_beyond_it():
     assert 1.96 < t975(1000) < t975(100) < t975(31) < T975[-1]
 
 
+@settings(deadline=None)  # a numerical integration per example: slow on a busy machine
 @given(st.floats(0.01, 20), st.integers(1, 60))
 def test_t_mass_series_against_simpson(t, df):
     assert t_two_sided_mass(t, df) == pytest.approx(mass_by_simpson(t, df, 2000), abs=1e-7)
@@ -68,6 +69,7 @@ def plain_search(diffs: list[float], limit: int = 20_000) -> int | None:
     return None
 
 
+@settings(deadline=None)  # the plain search walks up to 20,000 N one at a time
 @given(st.lists(st.floats(-1, 1), min_size=2, max_size=12))
 def test_seeds_to_decide_is_the_first_n_a_plain_search_finds(diffs):
     if statistics.stdev(diffs) == 0 or statistics.fmean(diffs) == 0:
