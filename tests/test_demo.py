@@ -108,3 +108,69 @@ def test_distill_demo_recipe_validates(tmp_path):
     assert recipe.arms["distill"] == {"init": "standard", "distill": True}
     assert (tmp_path / "demo-distill.yaml").read_text().startswith(
         f"# paratransfer run {tmp_path / 'demo-distill.yaml'} --out out/demo-distill")
+
+
+TINY_WORLD = dict(teacher=dict(hidden=16, layers=2, heads=2, kv_heads=1, mlp=32, seed=1),
+                  student=dict(hidden=8, layers=1, heads=2, kv_heads=1, mlp=16, seed=2),
+                  teacher_steps=3, student_steps=2, pretrain_records=64, seeds=4, train=8,
+                  heldout=4, test=4)
+#: The demo's budget, cut to a few seconds per chain (the mechanism, not the numbers).
+TINY_BUDGET = dict(rank=2, alpha=4, max_steps=2, batch_size=4, micro_batch_size=4,
+                   eval_every=1, checkpoint_every=1, eval_batch_size=4, max_new_tokens=4,
+                   max_samples=4)
+
+
+def test_study_mode_runs_its_arms_and_seeds_resumably_into_its_own_folder(tmp_path, monkeypatch,
+                                                                          capsys):
+    """`demo --seeds N --arms ...` on a tiny world: its own folder (out/demo-study), seeds
+    1..N, the named arms with their contrasts on both measures; a second call resumes and
+    recomputes nothing."""
+    from paratransfer.demo import WorldSpec, run_demo
+
+    monkeypatch.chdir(tmp_path)
+    spec = WorldSpec(**TINY_WORLD)
+    kwargs = dict(cache=tmp_path / "cache", seeds=2, arms="transfer,lora,eva,random", jobs=1,
+                  spec=spec, changes=TINY_BUDGET)
+    result = run_demo(**kwargs)
+    out = tmp_path / "out" / "demo-study"
+    assert (out / "results.md").is_file() and not (tmp_path / "out" / "demo").exists()
+    assert result["seeds"] == [1, 2] and result["name"] == "demo-study"
+    assert {row["arm"] for row in result["arms"]} == {"transfer", "lora", "eva", "random"}
+    said = {c["contrast"]: c for c in result["contrasts"]}
+    assert {"transfer − lora", "transfer − eva"} <= set(said)
+    assert all(c["heldout"]["final"]["n"] == 2 for c in said.values())
+    # The random arm extracts once per seed (a random window of the teacher each time).
+    assert {p.name for p in (out / "arms" / "random").iterdir()} >= {"adapter-seed1",
+                                                                     "adapter-seed2"}
+    printed = capsys.readouterr().out
+    assert "## Held-out answer-only loss (lower is better)" in printed
+    assert "Seeds that would decide" in printed
+    again = run_demo(**kwargs)
+    assert again["steps"]["ran"] == 0 and again["steps"]["reused"] == result["steps"]["ran"]
+    assert again["arms"] == result["arms"]
+
+
+def test_study_arms_are_checked_before_any_work(monkeypatch, capsys):
+    import paratransfer.demo as demo
+    from paratransfer.cli import main
+    from paratransfer.demo.study import DEFAULT_STUDY_ARMS, study_recipe
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo started working on bad arguments")
+
+    monkeypatch.setattr(demo, "ensure_world", no_work)
+    assert main(["demo", "--seeds", "4", "--arms", "transfer,nope,lora"]) == 2
+    assert "'nope' is not a demo arm" in capsys.readouterr().err
+    assert main(["demo", "--arms", "transfer,eva"]) == 2
+    assert "baseline arm lora is missing" in capsys.readouterr().err
+    assert main(["demo", "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["demo", "--seeds", "5", "--distill"]) == 2
+    recipe = study_recipe(DEMO_RECIPE, 10, None)
+    assert recipe["seeds"] == list(range(1, 11)) and tuple(recipe["arms"]) == DEFAULT_STUDY_ARMS
+    assert recipe["arms"]["random"] == {"reduce": "random"}
+    assert {k: v for k, v in recipe.items() if k not in ("name", "seeds", "arms")} == \
+        {k: v for k, v in DEMO_RECIPE.items() if k not in ("name", "seeds", "arms")}
+    # The default demo is what it was: three seeds, four arms.
+    assert DEMO_RECIPE["seeds"] == [1, 2, 3] and set(DEMO_RECIPE["arms"]) == {
+        "transfer", "lora", "pissa", "spectrum"}

@@ -12,8 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from paratransfer.demo.world import arithmetic_records, write_jsonl
+from paratransfer.experiment.heldout_contrasts import NO_HELDOUT
 from paratransfer.experiment.recipe import load_recipe
-from paratransfer.experiment.results import paired_interval
+from paratransfer.experiment.results import paired_interval, t975
 from paratransfer.experiment.runner import run_experiment
 from paratransfer.io.errors import UserError
 from tolerances import tolerance
@@ -60,6 +61,13 @@ def test_tiny_recipe_end_to_end_and_resume(tiny_recipe, tmp_path):
     assert {r["name"] for r in saved["references"]} == {"student", "teacher"}
     transfer = next(r for r in saved["arms"] if r["arm"] == "transfer")
     assert transfer["vs_lora"]["n"] == 2
+    # No held-out set in this recipe: every row and contrast says so.
+    assert transfer["heldout"] == {"missing": NO_HELDOUT}
+    assert all(c["heldout"] == {"missing": NO_HELDOUT} for c in saved["contrasts"])
+    md = (tmp_path / "full" / "results.md").read_text()
+    assert f"| transfer | {NO_HELDOUT} |" in md
+    assert f"(transfer − lora), held-out loss: {NO_HELDOUT}." in md
+    assert saved["contrasts"][0]["decide_sentence"].startswith("Seeds that would decide: ")
     for name in ("results.md", "results.png", "sensitivity.png"):
         assert (tmp_path / "full" / name).stat().st_size > 0
 
@@ -184,6 +192,42 @@ def test_control_arms_contrasts_and_heldout_curves(tiny_recipe, tmp_path):
     curves = result["heldout_curves"]
     assert set(curves) == set(arms) and all(c["step"] == [0, 1, 2] for c in curves.values())
     assert (tmp_path / "run" / "results.png").stat().st_size > 0
+    check_heldout_contrasts(tmp_path / "run", json.loads((tmp_path / "run" /
+                                                          "results.json").read_text()))
+
+
+def check_heldout_contrasts(run: Path, result: dict) -> None:
+    """The held-out contrasts against an oracle read from each run's train.json: the final
+    loss and the mean of the curve after step 0, paired by seed, with a 95% t-interval."""
+    def curve(arm: str, seed: int) -> list[tuple[int, float]]:
+        info = json.loads((run / "arms" / arm / f"seed-{seed}" / "train" / "train.json").read_text())
+        return [(h["step"], h["loss"]) for h in info["heldout_history"]]
+
+    def measure(arm: str, seed: int, which: str) -> float:
+        points = curve(arm, seed)
+        if which == "final":
+            return max(points)[1]
+        later = [loss for step, loss in points if step > 0]
+        return sum(later) / len(later)
+
+    md = (run / "results.md").read_text()
+    assert "## Held-out answer-only loss (lower is better)" in md
+    for c in result["contrasts"]:
+        arm, other = c["contrast"].split(" − ")
+        for which in ("final", "curve_mean"):
+            diffs = [measure(arm, s, which) - measure(other, s, which) for s in (1, 2)]
+            mean = sum(diffs) / 2
+            half = t975(1) * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5  # sd of 2 = |Δ|/√2
+            h = c["heldout"][which]
+            assert h["n"] == 2 and h["mean"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+            assert h["high"] - h["mean"] == pytest.approx(half, rel=1e-9, abs=1e-12)
+            assert "lower loss is better" in h["sentence"] and h["sentence"] in md
+            assert h["decide_sentence"] in md
+    lora = next(r for r in result["arms"] if r["arm"] == "lora")["heldout"]
+    assert lora["final"]["seeds"] == {str(s): measure("lora", s, "final") for s in (1, 2)}
+    for row in result["arms"]:
+        if row["arm"] != "lora":
+            assert row["heldout"]["final"]["vs_lora"]["n"] == 2
 
 
 def test_contrast_sentences_say_what_the_interval_says():

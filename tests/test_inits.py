@@ -159,8 +159,10 @@ def test_spectrum_factors_oracle():
 
 
 def test_every_init_is_registered_with_what_training_needs():
-    assert set(INITS) == {"transfer", "standard", "pissa", "spectrum"}
+    assert set(INITS) == {"transfer", "standard", "pissa", "spectrum", "eva", "corda"}
     assert {n for n, i in INITS.items() if i.needs_adapter} == {"transfer", "spectrum"}
-    assert {n for n, i in INITS.items() if i.residual} == {"transfer", "pissa", "spectrum"}
+    assert {n for n, i in INITS.items() if i.residual} == {"transfer", "pissa", "spectrum",
+                                                            "corda"}
+    assert {n for n, i in INITS.items() if i.needs_data} == {"eva", "corda"}
     with pytest.raises(Exception, match="--init"):
         TrainSettings(init="nope")

@@ -301,6 +301,9 @@ def save_plain_lora(peft_model, out_dir: str | Path, initial_dir: str | Path | N
         # The conversion loads the initial factors as a second adapter, which PEFT warns about
         # for a PiSSA init; converting to a plain LoRA is exactly what it recommends.
         warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+        warnings.filterwarnings("ignore", message="CorDA changes the base weights")
+        # ... and keeps a CorDA init's sub-config beside `init_lora_weights=True` (harmless).
+        warnings.filterwarnings("ignore", message="`corda_config` specified but will be ignored")
         peft_model.save_pretrained(str(out_dir), save_embedding_layers=False,
                                    path_initial_model_for_weight_conversion=str(initial_dir))
     _add_embedding_differences(peft_model, out_dir, initial_dir, adapter_name)

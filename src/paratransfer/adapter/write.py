@@ -58,4 +58,9 @@ def canonical_adapter_config(folder: str | Path) -> None:
     for key in ("target_modules", "exclude_modules", "modules_to_save"):
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])
+    # A data-driven init's sub-config, left beside `init_lora_weights: true` once the adapter
+    # is converted to a plain LoRA (PEFT warns about it at every load): it no longer applies.
+    for init in ("eva", "corda"):
+        if config.get(f"{init}_config") is not None and config.get("init_lora_weights") != init:
+            config[f"{init}_config"] = None
     path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")

@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the arms transfer, lora and distill (logit distillation from the "
                         "teacher, same budget) instead of the controls; default --out "
                         "out/demo-distill")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="a study: seeds 1..N on the same world and budget (default --out "
+                        "out/demo-study, resumable; the default demo runs 3)")
+    p.add_argument("--arms", default=None,
+                   help="a study's arms, comma-separated, lora among them: transfer, lora, pissa, "
+                        "spectrum, eva, corda, random (a random window of the teacher), distill "
+                        "(default with --seeds: all but distill)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training chains run at once (default 2, the demo's 2-core machine)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -192,9 +201,12 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from paratransfer.demo.world import run_demo
+    from paratransfer.demo.world import DEMO_JOBS, run_demo
 
-    run_demo(args.out, overwrite=args.overwrite, distill=args.distill)
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs: expected at least 1 (got {args.jobs})")
+    run_demo(args.out, overwrite=args.overwrite, distill=args.distill, seeds=args.seeds,
+             arms=args.arms, jobs=args.jobs or DEMO_JOBS)
     return 0
 
 

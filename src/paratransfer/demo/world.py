@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from paratransfer.io.errors import UserError
+
 DEMO_VERSION = "3"
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
 THINGS = ["pens", "cups", "eggs", "keys", "hats", "jars", "maps", "nuts"]
@@ -267,17 +269,22 @@ def ensure_world(cache: Path | None = None, spec: WorldSpec = WORLD) -> Path:
     return root
 
 
-def demo_recipe(world: Path, distill: bool = False) -> Path:
-    """Write the demo's recipe file beside the world (so users can read and rerun it)."""
+def demo_recipe(world: Path, distill: bool = False, base: dict | None = None,
+                jobs: int = DEMO_JOBS) -> Path:
+    """Write the demo's recipe file beside the world (so users can read and rerun it).
+
+    `base`: another recipe on the same world (a study, demo_study.py), named by its `name`."""
     import yaml
 
-    base, name = (DISTILL_RECIPE, "demo-distill") if distill else (DEMO_RECIPE, "demo")
+    if base is None:
+        base = DISTILL_RECIPE if distill else DEMO_RECIPE
+    name = base["name"]
     recipe = {**base, "teacher": str(world / "teacher"), "student": str(world / "student"),
               "task": {"type": "gsm", "seeds": str(world / "seeds.jsonl"),
                        "train": str(world / "train.jsonl"), "eval": str(world / "test.jsonl"),
                        "heldout": str(world / "heldout.jsonl")}}
     path = world / f"{name}.yaml"
-    text = (f"# paratransfer run {path} --out out/{name} --jobs {DEMO_JOBS}\n"
+    text = (f"# paratransfer run {path} --out out/{name} --jobs {jobs}\n"
             + yaml.safe_dump(recipe, sort_keys=False))
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
@@ -305,22 +312,35 @@ def demo_out(out: str | Path | None, overwrite: bool = False,
 
 
 def run_demo(out: str | Path | None = None, cache: Path | None = None,
-             overwrite: bool = False, distill: bool = False) -> dict:
+             overwrite: bool = False, distill: bool = False, seeds: int | None = None,
+             arms: str | None = None, jobs: int = DEMO_JOBS, spec: WorldSpec = WORLD,
+             changes: dict | None = None) -> dict:
     """Build (or reuse) the world, run the recipe (resuming a previous demo run), print the table.
 
-    `distill`: the distillation recipe (transfer, lora, distill) instead of the controls'."""
+    `distill`: the distillation recipe (transfer, lora, distill) instead of the controls'.
+    `seeds` / `arms` (comma-separated names): a study on the same world and budget with seeds
+    1..N and those arms (demo/study.py), into out/demo-study. `spec` and `changes` (recipe
+    settings) make smaller worlds and budgets, for tests."""
+    from paratransfer.experiment.runner import run_experiment, summary_line
     from paratransfer.experiment.recipe import load_recipe
     from paratransfer.experiment.results import to_markdown
-    from paratransfer.experiment.runner import run_experiment, summary_line
 
+    base = DISTILL_RECIPE if distill else DEMO_RECIPE
+    if seeds is not None or arms is not None:
+        from paratransfer.demo.study import study_recipe
+
+        if distill:
+            raise UserError("--distill and --seeds/--arms: give the distill arm in --arms instead")
+        base = study_recipe(DEMO_RECIPE, seeds, arms)
+    base = {**base, **(changes or {})}
     # Models this small gain nothing from a second thread, and on a busy machine two thrash.
     torch.set_num_threads(1)
     started = time.time()
-    out, resume = demo_out(out, overwrite, "demo-distill" if distill else "demo")  # before work
-    world = ensure_world(cache)
-    recipe = load_recipe(demo_recipe(world, distill))
+    out, resume = demo_out(out, overwrite, base["name"])  # before any work
+    world = ensure_world(cache, spec)
+    recipe = load_recipe(demo_recipe(world, base=base, jobs=jobs))
     result = run_experiment(recipe, out, resume=resume,
-                            overwrite=overwrite and out.exists(), progress=True, jobs=DEMO_JOBS)
+                            overwrite=overwrite and out.exists(), progress=True, jobs=jobs)
     print()
     print(to_markdown(result))
     print(summary_line(result, out) + f" (demo: {math.ceil(time.time() - started)} s in all)")

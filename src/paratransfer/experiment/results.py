@@ -1,6 +1,7 @@
 """The results of an experiment: per arm mean ± std over seeds, each seed's value, the paired
 difference to the `lora` baseline with a 95% interval, reference rows, the control contrasts
-(what each difference isolates, in one sentence each) and the held-out loss curves."""
+(what each difference isolates, in one sentence each, with the seeds that would decide it), the
+same on the held-out loss (heldout_contrasts.py) and the held-out loss curves."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 
 def t975(df: int) -> float:
-    return T975[df - 1] if df <= len(T975) else 1.96
+    """The two-sided 95% t quantile: the table, computed beyond it (power.t_quantile)."""
+    from paratransfer.experiment.power import t_quantile
+
+    return T975[df - 1] if df <= len(T975) else t_quantile(0.975, df)
 
 
 def paired_interval(values: list[float], baseline: list[float]) -> dict[str, Any]:
@@ -69,15 +73,24 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("transfer", "lora", "the transferred initialization"),
     ("transfer", "spectrum", "the teacher's directions"),
     ("transfer", "pissa", "the teacher's subspace over the student's own"),
+    ("transfer", "eva", "the teacher over the student's own task data (EVA)"),
+    ("transfer", "corda", "the teacher over the student's own task data (CorDA)"),
     ("distill", "lora", "distillation from the teacher"),
     ("transfer", "distill", "parametric transfer over distillation"),
 )
 
 
-def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]]) -> list[dict[str, Any]]:
-    """The paired differences of CONTRASTS over the seeds both arms share, with a sentence."""
+def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]],
+              runs: dict[str, dict[int, Path]] | None = None) -> list[dict[str, Any]]:
+    """The paired differences of CONTRASTS over the seeds both arms share, with a sentence and
+    the seeds that would decide; with `runs`, the same on the held-out loss (`heldout`)."""
+    from paratransfer.experiment.heldout_contrasts import contrast as heldout_contrast
+    from paratransfer.experiment.heldout_contrasts import measures_by_arm
+    from paratransfer.experiment.power import decide_sentence, seeds_to_decide
+
     values = {arm: {s: _read(p)["value"] for s, p in by_seed.items()}
               for arm, by_seed in metrics.items()}
+    losses = measures_by_arm(runs or {})
     out = []
     for arm, other, isolates in CONTRASTS:
         if arm not in values or other not in values:
@@ -86,8 +99,11 @@ def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]]) -
         if not seeds:
             continue
         d = paired_interval([values[arm][s] for s in seeds], [values[other][s] for s in seeds])
+        decide = seeds_to_decide([values[arm][s] - values[other][s] for s in seeds])
         out.append({"contrast": f"{arm} − {other}", "isolates": isolates, **d,
-                    "sentence": sentence(f"{isolates} ({arm} − {other})", d)})
+                    "sentence": sentence(f"{isolates} ({arm} − {other})", d),
+                    "decide": decide, "decide_sentence": decide_sentence(decide),
+                    "heldout": heldout_contrast(losses, arm, other, isolates)})
     return out
 
 
@@ -139,9 +155,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['arm']} | {row['mean']:.4f} ± {row['std']:.4f} | {per_seed} | {delta} |")
     for ref in result["references"]:
         lines.append(f"| *{ref['name']}* (reference) | {ref['value']:.4f} | — | — |")
-    said = [c["sentence"] for c in result.get("contrasts", [])]
+    said = [f"{c['sentence']} {c['decide_sentence']}." if "decide_sentence" in c
+            else c["sentence"] for c in result.get("contrasts", [])]
     if said:
         lines += ["", *(f"- {x}" for x in said)]
+    if "heldout" in (result["arms"][0] if result["arms"] else {}):
+        from paratransfer.experiment.heldout_contrasts import markdown as heldout_markdown
+
+        lines += heldout_markdown(result)
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +180,12 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
 
     `runs` (arm -> seed -> training folder) supplies the held-out loss curves, when recorded.
     """
+    from paratransfer.experiment.heldout_contrasts import arm_summary, measures_by_arm
+
     metric, rows = summarize_arms(metrics)
+    losses = measures_by_arm(runs or {})
+    for row in rows:
+        row["heldout"] = arm_summary(losses, row["arm"])
     references = []
     for who, path in refs.items():
         m = _read(path)
@@ -167,7 +193,7 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
     result = {
         "name": recipe.name, "task": recipe.task.type, "metric": metric,
         "teacher": recipe.teacher, "student": recipe.student, "seeds": recipe.seeds,
-        "arms": rows, "references": references, "contrasts": contrasts(rows, metrics),
+        "arms": rows, "references": references, "contrasts": contrasts(rows, metrics, runs),
         "heldout_curves": heldout_curves(runs or {}),
     }
     with atomic_file(out / "results.json", overwrite=True) as tmp:

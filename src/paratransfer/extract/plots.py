@@ -45,8 +45,9 @@ def plot_layer_scores(scores: Sequence[float], selected: Sequence[int], path: st
 
 #: A fixed colour per well-known arm, so every figure of the project reads the same way.
 ARM_COLORS = {"transfer": "tab:orange", "lora": "tab:blue", "pissa": "tab:green",
-              "spectrum": "tab:purple", "distill": "tab:red"}
-_OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+              "spectrum": "tab:purple", "distill": "tab:red", "eva": "tab:cyan",
+              "corda": "tab:olive", "random": "tab:brown"}
+_OTHER_COLORS = ("tab:pink", "tab:gray", "gold", "teal", "navy")
 
 
 def arm_colors(arms: Sequence[str]) -> dict[str, str]:

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 LIBRARY_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
     # PEFT reads `model.is_gradient_checkpointing`, which transformers 5.x deprecates.
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
+    # PEFT's advice for EVA on models too large to hold twice; `--init eva` holds one.
+    (r"lora with eva initialization used with low_cpu_mem_usage=False", UserWarning, r"peft\."),
 )
 
 

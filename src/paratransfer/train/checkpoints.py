@@ -144,7 +144,12 @@ def _check_same_run(saved: dict, now: dict, folder: Path) -> None:
     if digests[0] != digests[1]:
         raise UserError(f"--resume: the held-out examples (--eval-data) differ from those of the "
                         f"run in {folder} (give the command that started the run)")
+    from paratransfer.train.settings import TrainSettings
+
+    defaults = TrainSettings().as_dict()
     for key, value in now["settings"].items():
+        if key not in saved["settings"] and value == defaults.get(key):
+            continue  # a setting added since that checkpoint, at its default: what it ran with
         if key not in _RESUMABLE_CHANGES and saved["settings"].get(key) != value:
             raise UserError(f"--resume: setting {key} is {value!r} now but "
                             f"{saved['settings'].get(key)!r} in {folder} (give the command that "

@@ -14,6 +14,10 @@ function that sets the factors. The loop never looks at the name.
 - `spectrum`  per module, the transferred factors' singular values on random orthonormal
               directions (seeded): the same norm and spectrum as `transfer`, none of the teacher's
               directions. Separates "a large, well-shaped start" from "the teacher's directions".
+- `eva`, `corda`  teacher-free starts from the student's own activations on the training data
+              (EVA: base unchanged; CorDA: base made residual), through PEFT; see data_inits.py.
+              They read the training data (`needs_data`); CorDA's PEFT part runs before the LoRA
+              wrap (`prepare`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from paratransfer.adapter.inject import (
 from paratransfer.adapter.lora import ADAPTER_NAME
 from paratransfer.arch.ties import base_layer
 
-#: (peft model, the adapter or None, seed) -> what was done, for train.json (None: nothing).
-InitFn = Callable[[object, AdapterFiles | None, int], dict | None]
+#: (peft model, the adapter or None, seed[, data=InitData]) -> what was done, for train.json
+#: (None: nothing); `data` is passed to the inits that declare `needs_data`.
+InitFn = Callable[..., dict | None]
+#: (plain student, LoraConfig, InitData) -> None: work before the LoRA wrap.
+PrepareFn = Callable[[object, object, object], None]
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,9 @@ class Init:
     needs_adapter: bool  # reads an extracted adapter (`--adapter`)
     residual: bool  # base weights made residual; the export is a rank-2r LoRA on the original
     apply: InitFn | None = None
+    needs_data: bool = False  # reads the training data (`init_batches` batches of it)
+    prepare: PrepareFn | None = None  # before the LoRA wrap (on the plain student)
+    lora_kwargs: Callable[[], dict] | None = None  # more LoraConfig arguments (PEFT sub-configs)
 
 
 def _transfer(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
@@ -115,6 +125,36 @@ def _spectrum(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
     return {**set_residual_factors(peft_model, factors), "directions_seed": seed}
 
 
+def _eva(peft_model, adapter: AdapterFiles | None, seed: int, data=None) -> dict:
+    from paratransfer.train.data_inits import apply_eva
+
+    return apply_eva(peft_model, data)
+
+
+def _corda(peft_model, adapter: AdapterFiles | None, seed: int, data=None) -> dict:
+    from paratransfer.train.data_inits import apply_corda
+
+    return apply_corda(peft_model, data)
+
+
+def _prepare_corda(student, config, data) -> None:
+    from paratransfer.train.data_inits import prepare_corda
+
+    prepare_corda(student, config, data)
+
+
+def _eva_config() -> dict:
+    from peft import EvaConfig
+
+    return {"eva_config": EvaConfig(rho=1.0)}  # no rank redistribution: every layer keeps r
+
+
+def _corda_config() -> dict:
+    from peft.tuners.lora.config import CordaConfig
+
+    return {"corda_config": CordaConfig(corda_method="ipm")}
+
+
 INITS: dict[str, Init] = {i.name: i for i in (
     Init("transfer", "start from --adapter's factors, base made residual (the method)",
          peft_init=True, needs_adapter=True, residual=True, apply=_transfer),
@@ -125,4 +165,12 @@ INITS: dict[str, Init] = {i.name: i for i in (
     Init("spectrum", "--adapter's singular values on random orthonormal directions, base made "
          "residual (control: the transfer's spectrum without the teacher's directions)",
          peft_init=True, needs_adapter=True, residual=True, apply=_spectrum),
+    Init("eva", "the principal directions of the student's own layer inputs on the training "
+         "data (EVA, teacher-free), base unchanged",
+         peft_init="eva", needs_adapter=False, residual=False, apply=_eva, needs_data=True,
+         lora_kwargs=_eva_config),
+    Init("corda", "the student's weights oriented by its own input covariance on the training "
+         "data (CorDA, teacher-free), base made residual",
+         peft_init="corda", needs_adapter=False, residual=True, apply=_corda, needs_data=True,
+         prepare=_prepare_corda, lora_kwargs=_corda_config),
 )}

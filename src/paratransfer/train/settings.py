@@ -59,6 +59,8 @@ class TrainSettings:
     teacher_dtype: str = setting("auto", "dtype of the distillation teacher: auto (the training "
                                  "dtype), float32, bfloat16, float16", recipe=True)
     keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", flag=False)
+    init_batches: int = setting(4, "for --init eva/corda: how many of training's first effective "
+                                "batches they read (default {default})")
 
     def __post_init__(self) -> None:
         from paratransfer.arch import parse_roles
@@ -73,7 +75,8 @@ class TrainSettings:
                                   ("eval_every", "--eval-every", 1),
                                   ("max_steps", "--max-steps", 1), ("rank", "--rank", 1),
                                   ("seed", "--seed", None),
-                                  ("keep_checkpoints", "keep_checkpoints", 1)):
+                                  ("keep_checkpoints", "keep_checkpoints", 1),
+                                  ("init_batches", "--init-batches", 1)):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, whole_number(flag, getattr(self, name), least))
         for name, flag in (("lr", "--lr"), ("alpha", "--alpha"), ("dropout", "--dropout"),

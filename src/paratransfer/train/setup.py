@@ -74,24 +74,45 @@ def check_rank(student, specs: list, rank: int) -> None:
             rank_fits(rank, tuple(spec.to_linear(params[name]).shape), name)
 
 
-def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str):
+def build_lora_model(student, specs: list, settings: TrainSettings, student_id: str,
+                     data=None):
     """Wrap the student with PEFT LoRA, seeded; the arm's init says how PEFT fills the factors
-    (its default for most, PiSSA for `pissa`)."""
+    (its default for most, PiSSA for `pissa`) and what it does first (`prepare`, with the
+    training data `data` for the inits that need it)."""
     from peft import get_peft_model
 
     from paratransfer.adapter.lora import lora_config
 
+    init = INITS[settings.init]
     config = lora_config(student, specs, settings.rank, settings.alpha, settings.dropout,
-                         base_model_name_or_path=student_id,
-                         init_lora_weights=INITS[settings.init].peft_init)
+                         base_model_name_or_path=student_id, init_lora_weights=init.peft_init,
+                         **(init.lora_kwargs() if init.lora_kwargs is not None else {}))
+    if init.needs_data and data is None:
+        raise ValueError(f"init {init.name} reads the training data: pass `data`")
+    if init.prepare is not None:
+        init.prepare(student, config, data)
     torch.manual_seed(settings.seed)
     return get_peft_model(student, config)
 
 
-def init_lora(peft_model, settings: TrainSettings, adapter) -> dict | None:
+def init_lora(peft_model, settings: TrainSettings, adapter, data=None) -> dict | None:
     """The one place the arms differ: the named init sets the factors (train/inits.py)."""
     init = INITS[settings.init]
-    return init.apply(peft_model, adapter, settings.seed) if init.apply is not None else None
+    if init.apply is None:
+        return None
+    extra = {"data": data} if init.needs_data else {}
+    return init.apply(peft_model, adapter, settings.seed, **extra)
+
+
+def data_for_init(examples: list, settings: TrainSettings, pad_id: int, device, total: int):
+    """The training data a data-driven init reads (None for the others): the first
+    `init_batches` effective batches of training, at most the run's steps."""
+    if not INITS[settings.init].needs_data:
+        return None
+    from paratransfer.train.data_inits import init_data
+
+    return init_data(examples, settings.batch_size, settings.micro_batch_size, settings.seed,
+                     min(settings.init_batches, total), pad_id, device)
 
 
 def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
@@ -148,11 +169,13 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     adapter = read_adapter(adapter_dir) if adapter_dir is not None else None
     tokenizer, examples, dropped, heldout = _setup_data(student_id, data_path, settings, dist,
                                                         eval_data)
-    model, settings, specs, skipped, injection = _setup_model(student_id, settings, adapter,
-                                                             dtype, device)
-    trainable, optimizer = _setup_optimizer(model, settings, dist)
     per_epoch = steps_per_epoch(len(examples), settings.batch_size)
     total = settings.max_steps or settings.epochs * per_epoch
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    data = data_for_init(examples, settings, pad_id, device, total)
+    model, settings, specs, skipped, injection = _setup_model(student_id, settings, adapter,
+                                                             dtype, device, data)
+    trainable, optimizer = _setup_optimizer(model, settings, dist)
     if heldout and settings.eval_every is None:  # about ten points on the curve
         settings = replace(settings, eval_every=max(1, math.ceil(total / 10)))
     meta = {
@@ -170,7 +193,6 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         "heldout": _heldout_metadata(eval_data, heldout, settings),
     }
     objective = _setup_objective(settings, tokenizer, dtype, device, meta)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
               dtype, dist, out, meta, heldout=heldout, objective=objective)
     if resume_from is not None:
@@ -202,9 +224,11 @@ def _setup_data(student_id: str, data_path: str | Path, settings: TrainSettings,
 
 
 def _setup_model(student_id: str, settings: TrainSettings, adapter, dtype: torch.dtype,
-                 device: torch.device) -> tuple[object, TrainSettings, list, list[dict], dict | None]:
-    """The student wrapped with LoRA and initialized by the arm; the settings completed from
-    the adapter; the wrapped modules, the skipped roles and what the init did."""
+                 device: torch.device, data=None
+                 ) -> tuple[object, TrainSettings, list, list[dict], dict | None]:
+    """The student wrapped with LoRA and initialized by the arm (`data`: the training batches
+    a data-driven init reads); the settings completed from the adapter; the wrapped modules,
+    the skipped roles and what the init did."""
     from paratransfer.adapter.inject import check_adapter_shapes
     from paratransfer.arch import arch_for
     from paratransfer.teacher.models import load_model
@@ -215,8 +239,8 @@ def _setup_model(student_id: str, settings: TrainSettings, adapter, dtype: torch
     settings = resolve_settings(settings, adapter, arch_for(student))
     specs, skipped = lora_targets(student, settings.modules)
     check_rank(student, specs, settings.rank)
-    model = build_lora_model(student, specs, settings, student_id)
-    injection = init_lora(model, settings, adapter)
+    model = build_lora_model(student, specs, settings, student_id, data)
+    injection = init_lora(model, settings, adapter, data)
     return model, settings, specs, skipped, injection
 
 
