@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from paratransfer import __version__, cli_data, cli_evaluate, cli_stability, cli_train
+from paratransfer import __version__, cli_data, cli_evaluate, cli_laten, cli_stability, cli_train
 from paratransfer.cli_options import Parser, add_common, add_extraction, add_seed_data
 from paratransfer.console import quiet_libraries
 from paratransfer.errors import UserError
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_evaluate.register(sub)
     cli_stability.register(sub)
     cli_data.register(sub)
+    cli_laten.register(sub)
 
     p = sub.add_parser("run", help="a whole experiment from a recipe: arms x seeds, results table")
     p.add_argument("recipe", help="recipe file (YAML)")

@@ -1,0 +1,167 @@
+"""`paratransfer laten`: teacher + student + seeds -> the LaTen-injected student as a PEFT adapter.
+
+setup (tokenize, pick the locating examples) → locate in the teacher, loaded once and freed →
+locate in the student → train the translator → inject once (one seed example) → write.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from paratransfer.arch import arch_for
+from paratransfer.errors import UserError
+from paratransfer.laten.attribution import attribute_one
+from paratransfer.laten.inject import apply_deltas, lora_factors, weight_deltas
+from paratransfer.laten.locate import Located, locate, neuron_counts, neuron_vectors
+from paratransfer.laten.loop import Step, train_translator
+from paratransfer.laten.outputs import write_outputs
+from paratransfer.laten.settings import LatenSettings
+from paratransfer.laten.translator import Translator
+
+
+def locating_order(n: int, steps: int, seed: int) -> tuple[list[int], int]:
+    """Seed-example indices for the training steps (a seeded order, cycled) and for injection."""
+    from paratransfer.train.batches import epoch_order
+
+    order = epoch_order(n, seed, 0)
+    return [order[s % n] for s in range(steps)], order[steps % n]
+
+
+def draw_batch(pool_size: int, size: int, seed: int, step: int, exclude: int | None) -> list[int]:
+    """`size` distinct pool indices for one step (seeded by seed and step), never `exclude`."""
+    from paratransfer.train.batches import _mix
+
+    candidates = [i for i in range(pool_size) if i != exclude]
+    rng = random.Random(_mix(seed, step))
+    return rng.sample(candidates, min(size, len(candidates)))
+
+
+def _tokenized(examples, tokenizer, settings: LatenSettings) -> list[dict]:
+    from paratransfer import data
+
+    return [data.tokenize_example(ex, tokenizer, settings.prompt_format, settings.max_length)
+            for ex in examples]
+
+
+def _locate_model(model, spec, samples: list[dict], keep: int, counts: dict[str, int],
+                  eos_id) -> list[tuple[Located, dict[str, torch.Tensor]]]:
+    """(located, vectors) of one model for each sample."""
+    out = []
+    for sample in samples:
+        located = locate(attribute_one(model, spec, sample, eos_id), keep, counts)
+        out.append((located, neuron_vectors(model, spec, located)))
+    return out
+
+
+def run_laten(teacher_id: str, student_id: str, seeds: str | Path, out: str | Path,
+              settings: LatenSettings, data: str | Path | None = None,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the adapter, `translator.safetensors` and `laten.json` to `out`; returns the report."""
+    from paratransfer.console import progress as progress_bar
+    from paratransfer.data import has_answer, read_examples
+    from paratransfer.models import fingerprint, load_model, load_tokenizer
+    from paratransfer.outputs import check_output_path
+
+    out = check_output_path(out, overwrite, [teacher_id, student_id, seeds, data])
+    started = time.time()
+    seed_examples = read_examples(seeds)
+    pool_examples = read_examples(data) if data is not None else seed_examples
+    student_tok, teacher_tok = load_tokenizer(student_id), load_tokenizer(teacher_id)
+    train_at, inject_at = locating_order(len(seed_examples), settings.steps, settings.seed)
+    wanted = sorted(set(train_at) | {inject_at})
+
+    student = load_model(student_id, dtype=dtype, device=device)
+    s_spec = arch_for(student)
+    counts = neuron_counts(student, s_spec, settings.roles, settings.rate)
+    keep = len(student.get_submodule(s_spec.layers))
+
+    def tokens_of(tokenizer) -> dict[int, dict]:
+        toks = dict(zip(wanted, _tokenized([seed_examples[i] for i in wanted], tokenizer,
+                                           settings), strict=True))
+        bad = [i for i, t in toks.items() if not has_answer(t)]
+        if bad:
+            raise UserError(f"{seeds}: record {bad[0] + 1} has no answer token left after "
+                            f"truncation to --max-length {settings.max_length}")
+        return toks
+
+    teacher = load_model(teacher_id, dtype=dtype, device=device)  # once, freed after locating
+    t_spec = arch_for(teacher)
+    teacher_info = {"teacher": teacher_id, "teacher_fingerprint": fingerprint(teacher)}
+    t_tokens = tokens_of(teacher_tok)
+    t_found = dict(zip(wanted, _locate_model(teacher, t_spec, [t_tokens[i] for i in wanted],
+                                             keep, counts, teacher_tok.eos_token_id), strict=True))
+    del teacher
+    gc.collect()
+
+    s_tokens = tokens_of(student_tok)
+    s_found = dict(zip(wanted, (loc for loc, _ in _locate_model(
+        student, s_spec, [s_tokens[i] for i in wanted], keep, counts,
+        student_tok.eos_token_id)), strict=True))
+    pool = _tokenized(pool_examples, student_tok, settings) if data is not None else None
+
+    steps = []
+    for index, at in enumerate(train_at):
+        if pool is None:
+            others = [s_tokens.get(i) or _tokenized([seed_examples[i]], student_tok, settings)[0]
+                      for i in draw_batch(len(seed_examples), settings.batch - 1, settings.seed,
+                                          index, exclude=at)]
+        else:
+            others = [pool[i] for i in draw_batch(len(pool), settings.batch - 1, settings.seed,
+                                                  index, exclude=None)]
+        batch = [s_tokens[at], *[o for o in others if has_answer(o)]]
+        steps.append(Step(t_found[at][1], s_found[at], batch))
+
+    teacher_width = next(iter(t_found[inject_at][1].values())).shape[-1]
+    student_width = student.get_input_embeddings().weight.shape[1]
+    translator = Translator(settings.roles, teacher_width, student_width, settings.init_std,
+                            settings.seed).to(student.get_input_embeddings().weight.device)
+    bar = progress_bar(total=len(steps), desc="laten", unit="step", enabled=progress)
+    try:
+        curve = train_translator(student, s_spec, translator, steps, settings,
+                                 on_step=lambda record: bar.update(1))
+    finally:
+        bar.close()
+
+    with torch.no_grad():
+        translated = translator(t_found[inject_at][1])
+    located = s_found[inject_at]
+    factors, rank = lora_factors(student, s_spec, located, translated)
+    deltas = {n: d.detach() for n, d in weight_deltas(student, s_spec, located, translated).items()}
+    report = {
+        "method": "laten",
+        **teacher_info,
+        "student": student_id,
+        "student_fingerprint": fingerprint(student),
+        "seeds": str(Path(seeds).resolve()),
+        "data": str(Path(data).resolve()) if data is not None else None,
+        "settings": settings.record(),
+        "neuron_counts": counts,
+        "translator": {"roles": list(settings.roles), "layers": [teacher_width, teacher_width,
+                                                                  student_width],
+                       "activation": "relu", "bias": False, "init_std": settings.init_std,
+                       "parameters": sum(p.numel() for p in translator.parameters())},
+        "locating_examples": [i + 1 for i in train_at],
+        "injection_example": inject_at + 1,
+        "located": {"teacher": t_found[inject_at][0].record(), "student": located.record()},
+        "curve": curve,
+        "injection": {name: {"norm": float(d.norm()), "max_abs": float(d.abs().max())}
+                      for name, d in deltas.items()},
+        "adapter": {"rank": rank, "alpha": float(rank), "modules": len(factors)},
+    }
+    write_outputs(out, overwrite, student, student_id, factors, rank, translator, report,
+                  seeds, data, started)
+    return report
+
+
+def injected_student(student: torch.nn.Module, located: Located,
+                     translated: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The student with the translated vectors added in place (what the adapter encodes)."""
+    spec = arch_for(student)
+    apply_deltas(student, spec, weight_deltas(student, spec, located, translated))
+    return student
