@@ -21,6 +21,27 @@ from paratransfer.models import load_model
 from tolerances import tolerance
 
 FAMILIES = ("llama", "gpt2")
+#: Families with fused matrices holding a LaTen role (Phi-3: v in qkv_proj, up in gate_up_proj;
+#: GPT-NeoX: v interleaved per head in query_key_value), built here.
+FUSED = {"phi3": (dict(hidden=48, layers=4, heads=6, kv_heads=2, mlp=96),
+                  dict(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64)),
+         "gpt_neox": (dict(hidden=48, layers=4, heads=6, mlp=96),
+                      dict(hidden=32, layers=2, heads=4, mlp=64))}
+
+
+@pytest.fixture(scope="module")
+def pairs(model_pairs, tokenizer, tmp_path_factory):
+    """family -> (teacher folder, student folder): the shared pairs plus the fused families."""
+    from paratransfer.tiny import save_tiny, tiny_model
+
+    root = tmp_path_factory.mktemp("laten-models")
+    out = dict(model_pairs)
+    for i, (family, (t_kw, s_kw)) in enumerate(FUSED.items()):
+        out[family] = (save_tiny(tiny_model(family, vocab=len(tokenizer), seed=30 + i, **t_kw),
+                                 tokenizer, root / f"{family}-teacher"),
+                       save_tiny(tiny_model(family, vocab=len(tokenizer), seed=40 + i, **s_kw),
+                                 tokenizer, root / f"{family}-student"))
+    return out
 
 
 def _sample(path, tokenizer, index=0):
@@ -90,10 +111,10 @@ def _top(values, k):
     return order[:k]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_located_neurons_are_the_top_share_by_brute_force_attribution(family, model_pairs,
+@pytest.mark.parametrize("family", [*FAMILIES, "phi3"])
+def test_located_neurons_are_the_top_share_by_brute_force_attribution(family, pairs,
                                                                        seeds_file, tokenizer):
-    teacher_dir, student_dir = model_pairs[family]
+    teacher_dir, student_dir = pairs[family]
     teacher, student = load_model(str(teacher_dir)), load_model(str(student_dir))
     spec = arch_for(teacher)
     counts = neuron_counts(student, spec, ("up", "down", "v", "o"), 0.1)
@@ -179,19 +200,19 @@ def test_the_translator_trains_on_a_fixed_batch(model_pairs, seeds_file, tokeniz
 
 
 @pytest.fixture(scope="module")
-def laten_runs(model_pairs, seeds_file, tmp_path_factory):
+def laten_runs(pairs, seeds_file, tmp_path_factory):
     """family -> output folder of a short run (lr large enough that the injection is visible)."""
     out = {}
-    for family in FAMILIES:
+    for family in (*FAMILIES, *FUSED):
         folder = tmp_path_factory.mktemp(f"laten-{family}") / "out"
-        run_laten(str(model_pairs[family][0]), str(model_pairs[family][1]), seeds_file, folder,
+        run_laten(str(pairs[family][0]), str(pairs[family][1]), seeds_file, folder,
                   LatenSettings(steps=3, batch=4, lr=5e-2, seed=7), progress=False)
         out[family] = folder
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_adapter_is_the_injection_rebuilt_from_laten_json(family, laten_runs, model_pairs,
+@pytest.mark.parametrize("family", [*FAMILIES, *FUSED])
+def test_the_adapter_is_the_injection_rebuilt_from_laten_json(family, laten_runs, pairs,
                                                               seeds_file, tokenizer):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -200,8 +221,8 @@ def test_the_adapter_is_the_injection_rebuilt_from_laten_json(family, laten_runs
 
     folder = laten_runs[family]
     report = json.loads((folder / "laten.json").read_text())
-    teacher = load_model(str(model_pairs[family][0]))
-    student = load_model(str(model_pairs[family][1]))
+    teacher = load_model(str(pairs[family][0]))
+    student = load_model(str(pairs[family][1]))
     spec_t, spec_s = arch_for(teacher), arch_for(student)
     t_loc = Located(**report["located"]["teacher"])
     s_loc = Located(**report["located"]["student"])
@@ -215,7 +236,7 @@ def test_the_adapter_is_the_injection_rebuilt_from_laten_json(family, laten_runs
         plain = student(input_ids=ids).logits
         apply_deltas(student, spec_s, weight_deltas(student, spec_s, s_loc, translated))
         live = student(input_ids=ids).logits
-        loaded = PeftModel.from_pretrained(load_model(str(model_pairs[family][1])), str(folder))
+        loaded = PeftModel.from_pretrained(load_model(str(pairs[family][1])), str(folder))
         through_adapter = loaded(input_ids=ids).logits
     torch.testing.assert_close(through_adapter, live, **tolerance(torch.float32))
     assert float((live - plain).abs().max()) > 1e-3  # the injection is not a no-op here
@@ -279,3 +300,30 @@ def test_settings_refuse_bad_values():
                 dict(roles=("q",)), dict(batch=0), dict(reg_weight=-1.0)):
         with pytest.raises(UserError):
             LatenSettings(**bad)
+
+
+@pytest.mark.parametrize("family", ["gpt2", *FUSED])
+def test_fused_modules_get_the_vectors_in_their_own_roles_rows(family, pairs, seeds_file,
+                                                               tokenizer):
+    from paratransfer.laten.attribution import role_matrix
+
+    student = load_model(str(pairs[family][1]))
+    spec = arch_for(student)
+    counts = neuron_counts(student, spec, ("up", "v"), 0.25)
+    sample = _sample(seeds_file, tokenizer)
+    s_loc = locate(attribute_one(student, spec, sample, tokenizer.eos_token_id), 2, counts)
+    translated = {role: torch.randn(2, k, 32, generator=torch.Generator().manual_seed(1))
+                  for role, k in counts.items()}
+    before = {role: [role_matrix(student, spec, role, i).clone() for i in range(2)]
+              for role in ("q", "k", "v", "gate", "up") if spec.module_for(role) is not None}
+    apply_deltas(student, spec, weight_deltas(student, spec, s_loc, translated))
+    for role, mats in before.items():
+        for layer, old in enumerate(mats):
+            change = role_matrix(student, spec, role, layer) - old
+            if role not in translated:
+                assert not bool(change.any()), (role, layer)  # the other roles' rows untouched
+                continue
+            rows = s_loc.neurons[role][layer]
+            torch.testing.assert_close(change[rows], translated[role][layer])
+            others = [i for i in range(change.shape[0]) if i not in rows]
+            assert not bool(change[others].any())
