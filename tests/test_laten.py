@@ -327,3 +327,71 @@ def test_fused_modules_get_the_vectors_in_their_own_roles_rows(family, pairs, se
             torch.testing.assert_close(change[rows], translated[role][layer])
             others = [i for i in range(change.shape[0]) if i not in rows]
             assert not bool(change[others].any())
+
+
+# --------------------------------------------------------------------------- recipe arms
+
+
+def _recipe(tmp_path, model_pairs, seeds_file, **changes):
+    import yaml
+
+    from paratransfer.demo import arithmetic_records, write_jsonl
+
+    teacher, student = model_pairs["llama"]
+    raw = {"teacher": str(teacher), "student": str(student),
+           "task": {"type": "gsm", "seeds": str(seeds_file),
+                    "train": str(write_jsonl(tmp_path / "train.jsonl", arithmetic_records(8, seed=5))),
+                    "eval": str(write_jsonl(tmp_path / "test.jsonl", arithmetic_records(4, seed=6)))},
+           "seeds": [1, 2], "rank": 4, "alpha": 8, "max_length": 160, "max_steps": 2,
+           "batch_size": 4, "micro_batch_size": 4, "checkpoint_every": 1, "limit": 2,
+           "max_new_tokens": 6, "eval_batch_size": 4, "lr": 1e-2, "dtype": "float32",
+           "device": "cpu", "laten_steps": 2, "laten_batch": 3, "laten_lr": 5e-2,
+           "arms": {"transfer": {}, "lora": {"init": "standard"}, "laten": {"laten": "only"},
+                    "laten-lora": {"init": "standard", "laten": "lora"}}, **changes}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_laten_arms_run_in_a_recipe_with_their_rows_and_contrasts(model_pairs, seeds_file,
+                                                                   tmp_path):
+    from paratransfer.experiment import run_experiment
+    from paratransfer.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, model_pairs, seeds_file))
+    lines: list[str] = []
+    run = tmp_path / "run"
+    result = run_experiment(recipe, run, progress=False, log=lines.append)
+    assert sum("] laten seed " in line for line in lines) == 2  # one per seed, shared by both arms
+    assert sum("] merge laten seed " in line for line in lines) == 2
+    assert not any("train laten seed" in line for line in lines)  # `laten` is not fine-tuned
+    assert {row["arm"] for row in result["arms"]} == {"transfer", "lora", "laten", "laten-lora"}
+    said = {c["contrast"]: c for c in result["contrasts"]}
+    assert {"laten − student", "transfer − laten-lora", "laten-lora − lora"} <= set(said)
+    assert all(said[c]["n"] == 2 for c in said)
+    rows = {row["arm"]: row for row in result["arms"]}
+    student = next(r["value"] for r in result["references"] if r["name"] == "student")
+    assert said["laten − student"]["mean"] == pytest.approx(rows["laten"]["mean"] - student)
+    trained = json.loads((run / "arms" / "laten-lora" / "seed-1" / "train" / "train.json")
+                         .read_text())
+    merged = run / "arms" / "laten" / "laten-student-seed-1"
+    assert trained["student"] == str(merged.resolve())
+    assert json.loads((merged / "merge.json").read_text())["adapter"] == str(
+        (run / "arms" / "laten" / "laten-seed-1").resolve())
+    md = (run / "results.md").read_text()
+    assert "LaTen's injection, without fine-tuning (laten − student)" in md
+
+
+def test_recipes_refuse_laten_settings_that_do_not_make_an_arm(model_pairs, seeds_file, tmp_path):
+    from paratransfer.recipe import load_recipe
+
+    with pytest.raises(UserError, match="laten: the recipe's settings are every arm's"):
+        load_recipe(_recipe(tmp_path, model_pairs, seeds_file, laten="only"))
+    with pytest.raises(UserError, match="standard LoRA init"):
+        load_recipe(_recipe(tmp_path, model_pairs, seeds_file,
+                            arms={"lora": {"init": "standard"}, "x": {"laten": "lora"}}))
+    with pytest.raises(UserError, match="expected one of: none, only, lora"):
+        load_recipe(_recipe(tmp_path, model_pairs, seeds_file,
+                            arms={"lora": {"init": "standard"}, "x": {"laten": "yes"}}))
+    with pytest.raises(UserError, match="arms.laten: laten_steps: must be"):
+        load_recipe(_recipe(tmp_path, model_pairs, seeds_file, laten_steps=0))

@@ -71,13 +71,21 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("transfer", "pissa", "the teacher's subspace over the student's own"),
     ("distill", "lora", "distillation from the teacher"),
     ("transfer", "distill", "parametric transfer over distillation"),
+    ("laten", "student", "LaTen's injection, without fine-tuning"),
+    ("transfer", "laten-lora", "the method's transfer over LaTen's, both fine-tuned alike"),
+    ("laten-lora", "lora", "LaTen's injection before the same fine-tuning"),
 )
 
 
-def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]]) -> list[dict[str, Any]]:
-    """The paired differences of CONTRASTS over the seeds both arms share, with a sentence."""
+def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]],
+              references: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The paired differences of CONTRASTS over the seeds both arms share, with a sentence; a
+    reference row (the untrained student) counts as the same value at every seed."""
     values = {arm: {s: _read(p)["value"] for s, p in by_seed.items()}
               for arm, by_seed in metrics.items()}
+    every = sorted({s for by_seed in values.values() for s in by_seed})
+    for ref in references or []:
+        values.setdefault(ref["name"], {s: ref["value"] for s in every})
     out = []
     for arm, other, isolates in CONTRASTS:
         if arm not in values or other not in values:
@@ -167,7 +175,7 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
     result = {
         "name": recipe.name, "task": recipe.task.type, "metric": metric,
         "teacher": recipe.teacher, "student": recipe.student, "seeds": recipe.seeds,
-        "arms": rows, "references": references, "contrasts": contrasts(rows, metrics),
+        "arms": rows, "references": references, "contrasts": contrasts(rows, metrics, references),
         "heldout_curves": heldout_curves(runs or {}),
     }
     with atomic_file(out / "results.json", overwrite=True) as tmp:

@@ -58,6 +58,21 @@ def _locate_model(model, spec, samples: list[dict], keep: int, counts: dict[str,
     return out
 
 
+def _skeleton(model_id: str) -> torch.nn.Module:
+    """The model built on the meta device from its config: every shape, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from paratransfer.models import check_source
+
+    check_source(str(model_id))
+    try:
+        config = AutoConfig.from_pretrained(str(model_id))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{model_id}: cannot read its config ({str(e).splitlines()[0]})") from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def run_laten(teacher_id: str, student_id: str, seeds: str | Path, out: str | Path,
               settings: LatenSettings, data: str | Path | None = None,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -76,10 +91,11 @@ def run_laten(teacher_id: str, student_id: str, seeds: str | Path, out: str | Pa
     train_at, inject_at = locating_order(len(seed_examples), settings.steps, settings.seed)
     wanted = sorted(set(train_at) | {inject_at})
 
-    student = load_model(student_id, dtype=dtype, device=device)
-    s_spec = arch_for(student)
-    counts = neuron_counts(student, s_spec, settings.roles, settings.rate)
-    keep = len(student.get_submodule(s_spec.layers))
+    skeleton = _skeleton(student_id)  # the student's shapes, no weights: counts before the teacher
+    s_spec = arch_for(skeleton)
+    counts = neuron_counts(skeleton, s_spec, settings.roles, settings.rate)
+    keep = len(skeleton.get_submodule(s_spec.layers))
+    del skeleton
 
     def tokens_of(tokenizer) -> dict[int, dict]:
         toks = dict(zip(wanted, _tokenized([seed_examples[i] for i in wanted], tokenizer,
@@ -99,6 +115,7 @@ def run_laten(teacher_id: str, student_id: str, seeds: str | Path, out: str | Pa
     del teacher
     gc.collect()
 
+    student = load_model(student_id, dtype=dtype, device=device)
     s_tokens = tokens_of(student_tok)
     s_found = dict(zip(wanted, (loc for loc, _ in _locate_model(
         student, s_spec, [s_tokens[i] for i in wanted], keep, counts,

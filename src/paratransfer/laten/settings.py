@@ -59,6 +59,14 @@ class LatenSettings:
             raise UserError(f"--modules: LaTen transfers some of {','.join(LATEN_ROLES)} "
                             f"(got {','.join(self.roles) or 'none'})")
 
+    @classmethod
+    def from_recipe(cls, s: dict, seed: int) -> LatenSettings:
+        """From a recipe's (or arm's) settings: `laten_*` keys, the recipe's prompt format and
+        truncation, the run's seed."""
+        return cls(rate=s["laten_rate"], steps=s["laten_steps"], batch=s["laten_batch"],
+                   lr=s["laten_lr"], seed=seed, prompt_format=s["prompt_format"],
+                   max_length=s["max_length"])
+
     def record(self) -> dict:
         """The settings as `laten.json` keeps them."""
         out = asdict(self)
