@@ -171,7 +171,7 @@ def attribute_one(model: torch.nn.Module, spec: ArchSpec, sample: Mapping[str, S
     tokens, target = prediction_point(sample, eos_id)
     layers = len(_layers(model, spec))
     head = model.get_output_embeddings()
-    device = head.weight.device
+    device = model.get_input_embeddings().weight.device
     rec = _Recorder(model, spec)
     try:
         model(input_ids=torch.tensor([tokens], device=device), use_cache=False)

@@ -16,7 +16,7 @@ import torch
 from paratransfer.arch import arch_for
 from paratransfer.errors import UserError
 from paratransfer.laten.attribution import attribute_one
-from paratransfer.laten.inject import apply_deltas, lora_factors, weight_deltas
+from paratransfer.laten.inject import lora_factors, weight_deltas
 from paratransfer.laten.locate import Located, locate, neuron_counts, neuron_vectors
 from paratransfer.laten.loop import Step, train_translator
 from paratransfer.laten.outputs import write_outputs
@@ -73,94 +73,119 @@ def _skeleton(model_id: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def _tokens_at(examples, indices: list[int], tokenizer, settings: LatenSettings,
+               source: str | Path) -> dict[int, dict]:
+    """The examples at `indices`, tokenized; every one must keep an answer token."""
+    from paratransfer.data import has_answer
+
+    tokens = dict(zip(indices, _tokenized([examples[i] for i in indices], tokenizer, settings),
+                      strict=True))
+    bad = [i for i, t in tokens.items() if not has_answer(t)]
+    if bad:
+        raise UserError(f"{source}: record {bad[0] + 1} has no answer token left after "
+                        f"truncation to --max-length {settings.max_length}")
+    return tokens
+
+
+def _batches(train_at: list[int], s_tokens: dict[int, dict], seed_examples, pool, tokenizer,
+             settings: LatenSettings) -> list[list[dict]]:
+    """Each step's batch: its locating example first, then batch-1 drawn (seeded) from the
+    pool (`--data`), or from the other seed examples when there is none."""
+    from paratransfer.data import has_answer
+
+    batches = []
+    for index, at in enumerate(train_at):
+        if pool is None:
+            drawn = draw_batch(len(seed_examples), settings.batch - 1, settings.seed, index, at)
+            others = [s_tokens.get(i) or _tokenized([seed_examples[i]], tokenizer, settings)[0]
+                      for i in drawn]
+        else:
+            drawn = draw_batch(len(pool), settings.batch - 1, settings.seed, index, None)
+            others = [pool[i] for i in drawn]
+        batches.append([s_tokens[at], *[o for o in others if has_answer(o)]])
+    return batches
+
+
+def _train(student, spec, teacher_width: int, steps: list[Step], settings: LatenSettings,
+           progress: bool) -> tuple[Translator, list[dict]]:
+    """A fresh (seeded) translator trained on the steps; returns it and the loss curve."""
+    from paratransfer.console import progress as progress_bar
+
+    device = student.get_input_embeddings().weight.device
+    translator = Translator(settings.roles, teacher_width,
+                            student.get_input_embeddings().weight.shape[1], settings.init_std,
+                            settings.seed).to(device)
+    bar = progress_bar(total=len(steps), desc="laten", unit="step", enabled=progress)
+    try:
+        curve = train_translator(student, spec, translator, steps, settings,
+                                 on_step=lambda record: bar.update(1))
+    finally:
+        bar.close()
+    return translator, curve
+
+
 def run_laten(teacher_id: str, student_id: str, seeds: str | Path, out: str | Path,
               settings: LatenSettings, data: str | Path | None = None,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
               overwrite: bool = False, progress: bool = True) -> dict:
     """Write the adapter, `translator.safetensors` and `laten.json` to `out`; returns the report."""
-    from paratransfer.console import progress as progress_bar
-    from paratransfer.data import has_answer, read_examples
-    from paratransfer.models import fingerprint, load_model, load_tokenizer
+    from paratransfer.data import read_examples
+    from paratransfer.models import fingerprint, load_model, load_tokenizer, model_label
     from paratransfer.outputs import check_output_path
 
+    # setup: the examples, which of them locate, and the student's shapes (no weights yet)
     out = check_output_path(out, overwrite, [teacher_id, student_id, seeds, data])
     started = time.time()
     seed_examples = read_examples(seeds)
-    pool_examples = read_examples(data) if data is not None else seed_examples
     student_tok, teacher_tok = load_tokenizer(student_id), load_tokenizer(teacher_id)
     train_at, inject_at = locating_order(len(seed_examples), settings.steps, settings.seed)
     wanted = sorted(set(train_at) | {inject_at})
-
-    skeleton = _skeleton(student_id)  # the student's shapes, no weights: counts before the teacher
+    skeleton = _skeleton(student_id)
     s_spec = arch_for(skeleton)
     counts = neuron_counts(skeleton, s_spec, settings.roles, settings.rate)
     keep = len(skeleton.get_submodule(s_spec.layers))
     del skeleton
 
-    def tokens_of(tokenizer) -> dict[int, dict]:
-        toks = dict(zip(wanted, _tokenized([seed_examples[i] for i in wanted], tokenizer,
-                                           settings), strict=True))
-        bad = [i for i, t in toks.items() if not has_answer(t)]
-        if bad:
-            raise UserError(f"{seeds}: record {bad[0] + 1} has no answer token left after "
-                            f"truncation to --max-length {settings.max_length}")
-        return toks
-
-    teacher = load_model(teacher_id, dtype=dtype, device=device)  # once, freed after locating
-    t_spec = arch_for(teacher)
-    teacher_info = {"teacher": teacher_id, "teacher_fingerprint": fingerprint(teacher)}
-    t_tokens = tokens_of(teacher_tok)
-    t_found = dict(zip(wanted, _locate_model(teacher, t_spec, [t_tokens[i] for i in wanted],
-                                             keep, counts, teacher_tok.eos_token_id), strict=True))
+    # locate in the teacher: loaded once, alone in memory, freed once its vectors are taken
+    teacher = load_model(teacher_id, dtype=dtype, device=device)
+    t_tokens = _tokens_at(seed_examples, wanted, teacher_tok, settings, seeds)
+    t_found = dict(zip(wanted, _locate_model(teacher, arch_for(teacher),
+                                             [t_tokens[i] for i in wanted], keep, counts,
+                                             teacher_tok.eos_token_id), strict=True))
+    teacher_info = {"teacher": model_label(teacher_id), "teacher_fingerprint": fingerprint(teacher)}
     del teacher
     gc.collect()
 
+    # locate in the student, then align: train the translator
     student = load_model(student_id, dtype=dtype, device=device)
-    s_tokens = tokens_of(student_tok)
-    s_found = dict(zip(wanted, (loc for loc, _ in _locate_model(
+    s_tokens = _tokens_at(seed_examples, wanted, student_tok, settings, seeds)
+    s_found = {i: loc for i, (loc, _) in zip(wanted, _locate_model(
         student, s_spec, [s_tokens[i] for i in wanted], keep, counts,
-        student_tok.eos_token_id)), strict=True))
-    pool = _tokenized(pool_examples, student_tok, settings) if data is not None else None
-
-    steps = []
-    for index, at in enumerate(train_at):
-        if pool is None:
-            others = [s_tokens.get(i) or _tokenized([seed_examples[i]], student_tok, settings)[0]
-                      for i in draw_batch(len(seed_examples), settings.batch - 1, settings.seed,
-                                          index, exclude=at)]
-        else:
-            others = [pool[i] for i in draw_batch(len(pool), settings.batch - 1, settings.seed,
-                                                  index, exclude=None)]
-        batch = [s_tokens[at], *[o for o in others if has_answer(o)]]
-        steps.append(Step(t_found[at][1], s_found[at], batch))
-
+        student_tok.eos_token_id), strict=True)}
+    pool = _tokenized(read_examples(data), student_tok, settings) if data is not None else None
+    batches = _batches(train_at, s_tokens, seed_examples, pool, student_tok, settings)
+    steps = [Step(t_found[at][1], s_found[at], batch)
+             for at, batch in zip(train_at, batches, strict=True)]
     teacher_width = next(iter(t_found[inject_at][1].values())).shape[-1]
-    student_width = student.get_input_embeddings().weight.shape[1]
-    translator = Translator(settings.roles, teacher_width, student_width, settings.init_std,
-                            settings.seed).to(student.get_input_embeddings().weight.device)
-    bar = progress_bar(total=len(steps), desc="laten", unit="step", enabled=progress)
-    try:
-        curve = train_translator(student, s_spec, translator, steps, settings,
-                                 on_step=lambda record: bar.update(1))
-    finally:
-        bar.close()
+    translator, curve = _train(student, s_spec, teacher_width, steps, settings, progress)
 
+    # inject once, on one seed example, and write
     with torch.no_grad():
         translated = translator(t_found[inject_at][1])
     located = s_found[inject_at]
     factors, rank = lora_factors(student, s_spec, located, translated)
-    deltas = {n: d.detach() for n, d in weight_deltas(student, s_spec, located, translated).items()}
+    deltas = weight_deltas(student, s_spec, located, translated)
     report = {
         "method": "laten",
         **teacher_info,
-        "student": student_id,
+        "student": model_label(student_id),
         "student_fingerprint": fingerprint(student),
         "seeds": str(Path(seeds).resolve()),
         "data": str(Path(data).resolve()) if data is not None else None,
         "settings": settings.record(),
         "neuron_counts": counts,
-        "translator": {"roles": list(settings.roles), "layers": [teacher_width, teacher_width,
-                                                                  student_width],
+        "translator": {"roles": list(settings.roles),
+                       "layers": [teacher_width, teacher_width, translated_width(translated)],
                        "activation": "relu", "bias": False, "init_std": settings.init_std,
                        "parameters": sum(p.numel() for p in translator.parameters())},
         "locating_examples": [i + 1 for i in train_at],
@@ -176,9 +201,6 @@ def run_laten(teacher_id: str, student_id: str, seeds: str | Path, out: str | Pa
     return report
 
 
-def injected_student(student: torch.nn.Module, located: Located,
-                     translated: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The student with the translated vectors added in place (what the adapter encodes)."""
-    spec = arch_for(student)
-    apply_deltas(student, spec, weight_deltas(student, spec, located, translated))
-    return student
+def translated_width(translated: dict[str, torch.Tensor]) -> int:
+    """The student hidden width the translator writes."""
+    return next(iter(translated.values())).shape[-1]

@@ -30,4 +30,8 @@ class Translator(torch.nn.Module):
                 param.normal_(0.0, init_std, generator=generator)
 
     def forward(self, vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {role: self.nets[role](v.float()) for role, v in vectors.items()}
+        out = {}
+        for role, v in vectors.items():
+            net = self.nets[role]
+            out[role] = net(v.to(device=net[0].weight.device, dtype=torch.float32))
+        return out
