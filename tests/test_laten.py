@@ -395,3 +395,31 @@ def test_recipes_refuse_laten_settings_that_do_not_make_an_arm(model_pairs, seed
                             arms={"lora": {"init": "standard"}, "x": {"laten": "yes"}}))
     with pytest.raises(UserError, match="arms.laten: laten_steps: must be"):
         load_recipe(_recipe(tmp_path, model_pairs, seeds_file, laten_steps=0))
+
+
+def test_the_teacher_is_loaded_once_and_gone_before_the_student_loads(model_pairs, seeds_file,
+                                                                        tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import paratransfer.models as models
+
+    teacher_dir, student_dir = (str(p) for p in model_pairs["llama"])
+    real, loads, alive_at_student = models.load_model, [], []
+    teachers: list[weakref.ref] = []
+
+    def counting(name, *args, **kwargs):
+        if name == student_dir:
+            gc.collect()
+            alive_at_student.append(any(ref() is not None for ref in teachers))
+        model = real(name, *args, **kwargs)
+        loads.append(name)
+        if name == teacher_dir:
+            teachers.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(models, "load_model", counting)
+    run_laten(teacher_dir, student_dir, seeds_file, tmp_path / "out",
+              LatenSettings(steps=2, batch=3), progress=False)
+    assert loads.count(teacher_dir) == 1 and loads.count(student_dir) == 1
+    assert alive_at_student == [False]
