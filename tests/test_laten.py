@@ -111,7 +111,7 @@ def _top(values, k):
     return order[:k]
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "phi3"])
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "phi3"])
 def test_located_neurons_are_the_top_share_by_brute_force_attribution(family, pairs,
                                                                        seeds_file, tokenizer):
     teacher_dir, student_dir = pairs[family]
