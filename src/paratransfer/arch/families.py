@@ -20,6 +20,7 @@ LLAMA = register(
         family="llama",
         model_types=("llama", "mistral", "qwen2", "qwen3"),
         layers="model.layers",
+        final_norm="model.norm",
         embed=ModuleSpec("model.embed_tokens", ("embed",), embedding=True, in_layer=False),
         head=ModuleSpec("lm_head", ("head",), in_layer=False),
         layer_modules=(
@@ -41,6 +42,7 @@ GPT2 = register(
         family="gpt2",
         model_types=("gpt2",),
         layers="transformer.h",
+        final_norm="transformer.ln_f",
         embed=ModuleSpec("transformer.wte", ("embed",), embedding=True, in_layer=False),
         head=ModuleSpec("lm_head", ("head",), in_layer=False),
         layer_modules=(
@@ -80,6 +82,7 @@ GPT_NEOX = register(
         family="gpt_neox",
         model_types=("gpt_neox",),
         layers="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
         embed=ModuleSpec("gpt_neox.embed_in", ("embed",), embedding=True, in_layer=False),
         head=ModuleSpec("lm_head", ("head",), in_layer=False),
         layer_modules=(
@@ -109,6 +112,7 @@ PHI3 = register(
         family="phi3",
         model_types=("phi3",),
         layers="model.layers",
+        final_norm="model.norm",
         embed=ModuleSpec("model.embed_tokens", ("embed",), embedding=True, in_layer=False),
         head=ModuleSpec("lm_head", ("head",), in_layer=False),
         layer_modules=(

@@ -155,6 +155,7 @@ class ArchSpec:
     layer_modules: tuple[ModuleSpec, ...]
     fused: dict[str, FusedLayout] = field(default_factory=dict)  # by path; default STACKED
     head_layout: Callable[[object], HeadLayout] = config_heads
+    final_norm: str = ""  # the norm between the last layer and the head ("" when unknown)
 
     def modules(self) -> tuple[ModuleSpec, ...]:
         """Every module spec: embed, the per-layer ones, head."""

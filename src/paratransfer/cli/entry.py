@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from paratransfer import __version__
 from paratransfer.cli import data as cli_data
 from paratransfer.cli import evaluate as cli_evaluate
+from paratransfer.cli import laten as cli_laten
 from paratransfer.cli import stability as cli_stability
 from paratransfer.cli import train as cli_train
 from paratransfer.cli.options import Parser, add_common, add_extraction, add_seed_data
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_evaluate.register(sub)
     cli_stability.register(sub)
     cli_data.register(sub)
+    cli_laten.register(sub)
 
     p = sub.add_parser("run", help="a whole experiment from a recipe: arms x seeds, results table")
     p.add_argument("recipe", help="recipe file (YAML)")

@@ -30,8 +30,13 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
     "train": recipe_keys(TrainSettings),  # the fields `setting(..., recipe=True)` declares
     "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
                  "max_new_tokens": None},
+    "laten": {"laten": "none", "laten_rate": 0.1, "laten_steps": 8, "laten_batch": 16,
+              "laten_lr": 3e-5},
     "run": {"dtype": "auto", "device": "auto"},
 }
+#: What `laten` does to an arm: nothing, LaTen's injection evaluated as it is (no training), or
+#: the injected student fine-tuned with the arm's LoRA (`init: standard`).
+LATEN_MODES = ("none", "only", "lora")
 SETTING_DEFAULTS: dict[str, Any] = {k: v for keys in STEP_KEYS.values() for k, v in keys.items()}
 TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name", "stability"}
 TASK_KEYS = {"type": None, "seeds": None, "train": None, "eval": None}
@@ -178,6 +183,9 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
         raise UserError(f"{path}: distill: the recipe's settings are every arm's (the lora "
                         "baseline's too); give distillation as an arm (`distill: {init: standard, "
                         "distill: true}`)")
+    if settings["laten"] != "none":
+        raise UserError(f"{path}: laten: the recipe's settings are every arm's; give LaTen as "
+                        "arms (`laten: {laten: only}`, `laten-lora: {init: standard, laten: lora}`)")
     if settings["shots_data"] is not None:
         settings["shots_data"] = str(_file(settings["shots_data"], f"{path}: shots_data", base))
     arms = _parse_arms(raw.get("arms"), path)
@@ -243,10 +251,27 @@ def _check_settings(recipe: Recipe) -> None:
             ExtractSettings.from_recipe(s, seed=recipe.seeds[0])
             TrainSettings.from_recipe(s, seed=recipe.seeds[0], teacher=recipe.teacher)
             EvalSettings.from_recipe(recipe.task.type, s)
+            _check_laten(s)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{where}: a setting has the wrong type ({e})") from None
+
+
+def _check_laten(s: dict[str, Any]) -> None:
+    """`laten` is one of LATEN_MODES; `lora` fine-tunes from PEFT's standard init."""
+    from paratransfer.laten.settings import LatenSettings
+
+    if s["laten"] not in LATEN_MODES:
+        raise UserError(f"laten: {s['laten']!r} (expected one of: {', '.join(LATEN_MODES)})")
+    if s["laten"] == "lora" and s["init"] != "standard":
+        raise UserError("laten: lora fine-tunes the injected student from the standard LoRA "
+                        "init (give the arm as {init: standard, laten: lora})")
+    if s["laten"] != "none":
+        try:
+            LatenSettings.from_recipe(s, seed=0)
+        except UserError as e:  # the settings name their flags; a recipe names its keys
+            raise UserError(str(e).replace("--", "laten_", 1)) from None
 
 
 def _check_stability(recipe: Recipe) -> None:

@@ -77,19 +77,27 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("transfer", "corda", "the teacher over the student's own task data (CorDA)"),
     ("distill", "lora", "distillation from the teacher"),
     ("transfer", "distill", "parametric transfer over distillation"),
+    ("laten", "student", "LaTen's injection, without fine-tuning"),
+    ("transfer", "laten-lora", "the method's transfer over LaTen's, both fine-tuned alike"),
+    ("laten-lora", "lora", "LaTen's injection before the same fine-tuning"),
 )
 
 
 def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]],
-              runs: dict[str, dict[int, Path]] | None = None) -> list[dict[str, Any]]:
+              runs: dict[str, dict[int, Path]] | None = None,
+              references: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The paired differences of CONTRASTS over the seeds both arms share, with a sentence and
-    the seeds that would decide; with `runs`, the same on the held-out loss (`heldout`)."""
+    the seeds that would decide; with `runs`, the same on the held-out loss (`heldout`). A
+    reference row (the untrained student) counts as the same value at every seed."""
     from paratransfer.experiment.heldout_contrasts import contrast as heldout_contrast
     from paratransfer.experiment.heldout_contrasts import measures_by_arm
     from paratransfer.experiment.power import decide_sentence, seeds_to_decide
 
     values = {arm: {s: _read(p)["value"] for s, p in by_seed.items()}
               for arm, by_seed in metrics.items()}
+    every = sorted({s for by_seed in values.values() for s in by_seed})
+    for ref in references or []:
+        values.setdefault(ref["name"], {s: ref["value"] for s in every})
     losses = measures_by_arm(runs or {})
     out = []
     for arm, other, isolates in CONTRASTS:
@@ -193,7 +201,8 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
     result = {
         "name": recipe.name, "task": recipe.task.type, "metric": metric,
         "teacher": recipe.teacher, "student": recipe.student, "seeds": recipe.seeds,
-        "arms": rows, "references": references, "contrasts": contrasts(rows, metrics, runs),
+        "arms": rows, "references": references,
+        "contrasts": contrasts(rows, metrics, runs, references),
         "heldout_curves": heldout_curves(runs or {}),
     }
     with atomic_file(out / "results.json", overwrite=True) as tmp:

@@ -9,6 +9,8 @@ Layout of RUN_DIR:
     arms/ARM/adapter[-seedS]/        extraction (seed-specific only for random strategies)
     arms/ARM/seed-S/train/           training run (plain LoRA on the student)
     arms/ARM/seed-S/eval/            evaluation of student + that LoRA
+    arms/ARM/laten-seed-S/           LaTen's injection as an adapter (arms with `laten`)
+    arms/ARM/laten-student-seed-S/   the injected student, merged (what `laten: lora` trains)
     results.{json,md,png}, sensitivity.png
     stability/                       the stability report, when the recipe asks for one
 """
@@ -147,14 +149,53 @@ class Runner:
         label = f"extract {arm}" + (f" (seed {seed})" if self.recipe.uses_random(arm) else "")
         return Step(label, folder / "transfer.json", work)
 
-    def train_step(self, arm: str, seed: int, folder: Path, adapter: Path | None) -> Step:
+    def laten_step(self, arm: str, seed: int, folder: Path) -> Step:
+        """LaTen: locate in teacher and student, train the translator, inject (an adapter)."""
+        from paratransfer.laten import LatenSettings, run_laten
+
+        s = self.recipe.arm_settings(arm)
+
+        def work() -> str:
+            report = run_laten(self.recipe.teacher, self.recipe.student, self.recipe.task.seeds,
+                               folder, LatenSettings.from_recipe(s, seed),
+                               data=self.recipe.task.train, dtype=self.dtype, device=self.device,
+                               overwrite=True, progress=self.progress)
+            last = report["curve"][-1]
+            return (f"{len(report['curve'])} translator steps, LM loss {last['lm_loss']:.4f} "
+                    f"(student alone {last['student_lm_loss']:.4f})")
+
+        return Step(f"laten seed {seed}", folder / "laten.json", work)
+
+    def merge_step(self, seed: int, adapter: Path, folder: Path) -> Step:
+        from paratransfer.adapter.merge import run_merge
+
+        def work() -> str:
+            run_merge(self.recipe.student, adapter, folder, overwrite=True)
+            return "the injected student as a model folder"
+
+        return Step(f"merge laten seed {seed}", folder / "merge.json", work)
+
+    def laten_for(self, arm: str, seed: int, latens: dict[str, Path]) -> tuple[Path, bool]:
+        """The LaTen output an arm reads, and whether it is made anew: arms with the same LaTen
+        settings (e.g. `laten` and `laten-lora`) share one per seed."""
+        from paratransfer.laten import LatenSettings
+
+        record = LatenSettings.from_recipe(self.recipe.arm_settings(arm), seed).record()
+        key = json.dumps(record, sort_keys=True)
+        if key in latens:
+            return latens[key], False
+        latens[key] = self.out / "arms" / arm / f"laten-seed-{seed}"
+        return latens[key], True
+
+    def train_step(self, arm: str, seed: int, folder: Path, adapter: Path | None,
+                   student: str | None = None) -> Step:
         from paratransfer.train import resumable, run_train
 
         s = self.recipe.arm_settings(arm)
 
         def work() -> str:
             resume = resumable(folder)
-            result = run_train(self.recipe.student, self.recipe.task.train, folder,
+            result = run_train(student or self.recipe.student, self.recipe.task.train, folder,
                                TrainSettings.from_recipe(s, seed, self.recipe.teacher),
                                adapter_dir=adapter,
                                dtype=self.dtype, device=self.device, resume=resume,
@@ -218,17 +259,36 @@ class Runner:
         extractions: dict[str, Path] = {}
         runs: dict[str, dict[int, Path]] = {}
         chains: list[Step] = []
+        latens: dict[str, Path] = {}
         for seed in recipe.seeds:
             for arm in recipe.arms:
+                run_dir = out / "arms" / arm / f"seed-{seed}"
+                laten = recipe.arm_settings(arm)["laten"]
+                student = recipe.student
+                if laten != "none":  # shared steps: LaTen (and its merged student) per seed
+                    laten_dir, new = self.laten_for(arm, seed, latens)
+                    merged = laten_dir.with_name(laten_dir.name.replace("laten-", "laten-student-"))
+                    if new:
+                        steps.append(self.laten_step(arm, seed, laten_dir))
+                    if laten == "only":  # LaTen's own claim: the injection, no fine-tuning
+                        evaluate = self.evaluate_step(f"evaluate {arm} seed {seed}", student,
+                                                      run_dir / "eval", recipe.arm_settings(arm),
+                                                      adapter=laten_dir)
+                        evaluate.chain = (arm, seed)
+                        chains.append(evaluate)
+                        metrics[arm][seed] = run_dir / "eval" / "metrics.json"
+                        continue
+                    if not any(s.done == merged / "merge.json" for s in steps):
+                        steps.append(self.merge_step(seed, laten_dir, merged))
+                    student = str(merged)
                 adapter = None
                 if INITS[recipe.arm_settings(arm)["init"]].needs_adapter:
                     adapter, new = self.adapter_for(arm, seed, extractions)
                     if new:  # extractions are shared steps, done before any training
                         steps.append(self.extract_step(arm, seed, adapter, sens))
                     adapters.setdefault(arm, adapter)
-                run_dir = out / "arms" / arm / f"seed-{seed}"
-                train = self.train_step(arm, seed, run_dir / "train", adapter)
-                evaluate = self.evaluate_step(f"evaluate {arm} seed {seed}", recipe.student,
+                train = self.train_step(arm, seed, run_dir / "train", adapter, student)
+                evaluate = self.evaluate_step(f"evaluate {arm} seed {seed}", student,
                                               run_dir / "eval", recipe.arm_settings(arm),
                                               adapter=run_dir / "train")
                 train.chain = evaluate.chain = (arm, seed)
