@@ -8,9 +8,10 @@ Every command goes through the same steps:
   given, and its folder can be written;
 - `atomic_dir` / `atomic_file` write into a temporary beside the output and rename it into
   place on success; an existing output is replaced only then (`replace_with`);
-- temporaries are named `.NAME.partial-PID-XXXX` (and `.NAME.old-PID-XXXX` while an old
-  output is moved away): `clean_stale` removes those whose process is gone (killed), the next
-  time the same output is written;
+- temporaries are named `.NAME.partial-PID-XXXXXXXX` (and `.NAME.old-PID-XXXXXXXX` while an
+  old output is moved away; XXXXXXXX: the 8 random characters `tempfile` adds): `clean_stale`
+  removes those whose process is gone (killed), the next time the same output is written.
+  Only names carrying that whole marker count: a user's `.adapter.old-backup` is never touched;
 - long runs that write into their output as they go (`train`, `run`) hold `output_lock`, so a
   second run on the same output is refused at once;
 - what is written gets the permissions the user's umask gives new files and folders.
@@ -31,8 +32,9 @@ from typing import Any
 
 from paratransfer.io.errors import UserError
 
-#: A temporary of this module: `.NAME.partial-PID-XXXX` or `.NAME.old-PID-XXXX`.
-_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[^-]*$")
+#: A temporary of this module: `.NAME.partial-PID-XXXXXXXX` or `.NAME.old-PID-XXXXXXXX`, the
+#: tail being the 8 characters `tempfile.mkdtemp`/`mkstemp` draw (lower-case letters, digits, _).
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>[1-9]\d*)-[a-z0-9_]{8}$")
 
 
 def absolute(path: str | Path) -> Path:
@@ -179,11 +181,12 @@ def _alive(pid: int) -> bool:
 
 def stale(entry: Path, name: str | None = None) -> bool:
     """Whether `entry` is a temporary of this module (for output `name`, if given) whose writing
-    process is gone. Temporaries without a process id (older versions) count as stale."""
+    process is gone. A name without the whole marker (process id and tempfile's 8 characters)
+    is someone else's and never stale."""
     m = _SCRATCH.match(entry.name)
     if m is None or (name is not None and m["name"] != name):
         return False
-    return m["pid"] is None or not _alive(int(m["pid"]))
+    return not _alive(int(m["pid"]))
 
 
 def _remove(entry: Path) -> None:
