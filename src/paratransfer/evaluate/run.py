@@ -21,6 +21,7 @@ from paratransfer import __version__
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
 from paratransfer.io.errors import UserError
 from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
+from paratransfer.io.readers import json_line
 from paratransfer.tasks import examples as data
 from paratransfer.teacher.models import load_model, load_tokenizer, model_label
 
@@ -128,10 +129,7 @@ def read_reference(results: str | Path, task: Task, items: list[Item]) -> list[s
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            row = json_line(line, f"{path}:{lineno}", "one prediction per line")
             if not (isinstance(row, dict) and isinstance(row.get("id"), str)
                     and isinstance(row.get("output"), str)):
                 raise UserError(f'{path}:{lineno}: expected an object with string "id" and "output"')

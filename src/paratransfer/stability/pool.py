@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from paratransfer.io.checks import whole_number
+from paratransfer.io.checks import MAX_SEED, seed_number, whole_number
 from paratransfer.io.errors import UserError
 
 #: Seed-set sizes drawn when none are given (those below the pool size).
@@ -66,7 +66,7 @@ class StabilitySettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "draws", whole_number("--draws", self.draws, 1))
-        object.__setattr__(self, "seed", whole_number("--seed", self.seed))
+        object.__setattr__(self, "seed", seed_number("--seed", self.seed))
         if self.sizes is not None:
             sizes = tuple(whole_number("--sizes", k, 1) for k in self.sizes)
             if not sizes:
@@ -249,7 +249,7 @@ def draw_subsets(pool: int, sizes: Sequence[int], draws: int, seed: int) -> dict
     a seed, and a size's draws do not depend on which other sizes are asked for."""
     out = {}
     for k in sizes:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + k) % MAX_SEED)
         out[k] = [sorted(torch.randperm(pool, generator=g)[:k].tolist()) for _ in range(draws)]
     return out
 

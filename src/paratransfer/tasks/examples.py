@@ -10,13 +10,13 @@ only. Every problem with a file is a `UserError` naming `FILE:LINE`.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from paratransfer.io.errors import UserError
+from paratransfer.io.readers import json_line
 
 #: Label value ignored by the cross-entropy loss (PyTorch / transformers convention).
 IGNORE_INDEX = -100
@@ -196,18 +196,9 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[Example]:
             if limit is not None and len(examples) >= limit:
                 break
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 at byte {e.start} (expected UTF-8 JSON)") from None
-            if not line.strip():
+            if not raw.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{where}: invalid JSON: {e.msg} at column {e.colno} (expected one JSON object per line)"
-                ) from None
+            record = json_line(raw, where)
             examples.append(
                 example_from_record(record, source=where, default_id=f"{path.stem}-{lineno}")
             )
