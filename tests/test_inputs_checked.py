@@ -117,3 +117,54 @@ def test_the_largest_seed_is_usable(model_pairs, seeds_file, tmp_path):
           TrainSettings(init="standard", seed=top, max_steps=1, batch_size=2,
                         micro_batch_size=2, max_length=512, rank=2), device="cpu", progress=False)
     assert json.loads((tmp_path / "run" / "train.json").read_text())["settings"]["seed"] == top
+
+
+class _Spy:
+    """A tokenizer that records how many characters each call was given."""
+
+    def __init__(self, tokenizer):
+        self._tok, self.sizes = tokenizer, []
+
+    def __call__(self, text, **kw):
+        self.sizes.append(len(text))
+        return self._tok(text, **kw)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_a_huge_record_costs_only_the_length_that_matters(tokenizer):
+    """A multi-megabyte one-line record is tokenized only up to a cap derived from
+    --max-length (issue 23, item 17), and gives the tokens the whole text gives."""
+    from paratransfer.tasks.examples import example_from_record, tokenize_example
+
+    words = " ".join(f"w{i % 97}" for i in range(100_000))  # ~400 kB
+    huge = example_from_record({"messages": [{"role": "user", "content": "Question: " + words},
+                                             {"role": "assistant", "content": "So 1."}]},
+                               source="x.jsonl:1", default_id="x")
+    spy = _Spy(tokenizer)
+    capped = tokenize_example(huge, spy, max_length=64)
+    assert max(spy.sizes) < 40_000  # not the 400 kB, twice
+    whole = tokenizer(huge.messages[0]["content"])  # the reference, in full
+    assert len(whole["input_ids"]) > 64
+    # the same tokens as the uncapped computation: render + tokenize the whole text
+    from paratransfer.tasks.examples import render
+
+    prompt, answer = render(huge, tokenizer)
+    full_ids = list(tokenizer(prompt + answer)["input_ids"])[:64]
+    assert capped["input_ids"] == full_ids and all(x == -100 for x in capped["labels"])
+    # an answer inside the cap is found exactly as before
+    short = example_from_record({"messages": [{"role": "user", "content": "Question: w1 w2"},
+                                              {"role": "assistant", "content": words[:100_000]}]},
+                                source="y.jsonl:1", default_id="y")
+    spy.sizes.clear()
+    tokens = tokenize_example(short, spy, max_length=64)
+    prompt, answer = render(short, tokenizer)
+    ids = list(tokenizer(prompt + answer)["input_ids"])
+    boundary = len(tokenizer(prompt)["input_ids"])
+    assert tokens["input_ids"] == ids[:64]
+    assert tokens["labels"] == ([-100] * boundary + ids[boundary:])[:64]
+    assert max(spy.sizes) < 40_000
