@@ -30,7 +30,7 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
                 "min_vocab_coverage": 0.5, "allow_pad": False},
     "train": recipe_keys(TrainSettings),  # the fields `setting(..., recipe=True)` declares
     "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
-                 "max_new_tokens": None},
+                 "max_new_tokens": None, "overlong": "refuse"},
     "run": {"dtype": "auto", "device": "auto"},
 }
 SETTING_DEFAULTS: dict[str, Any] = {k: v for keys in STEP_KEYS.values() for k, v in keys.items()}
