@@ -168,3 +168,14 @@ def test_a_huge_record_costs_only_the_length_that_matters(tokenizer):
     assert tokens["input_ids"] == ids[:64]
     assert tokens["labels"] == ([-100] * boundary + ids[boundary:])[:64]
     assert max(spy.sizes) < 40_000
+
+
+def test_an_empty_modules_list_is_refused_alike(capsys, tmp_path):
+    """`--modules ''` names no module for train as for extract (issue 23, item 19): both refuse
+    it in one line, before anything is read."""
+    for argv in (["train", "--student", tmp_path / "s", "--data", tmp_path / "d.jsonl",
+                  "--out", tmp_path / "o", "--modules", ""],
+                 ["extract", "--teacher", tmp_path / "t", "--student", tmp_path / "s",
+                  "--seeds", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--modules", ""]):
+        line = one_line_error(*run_cli(capsys, *argv))
+        assert "--modules: no module named" in line, (argv, line)
