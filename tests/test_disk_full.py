@@ -165,3 +165,24 @@ def test_stability_removes_the_work_folder_a_killed_run_left(capsys, model_pairs
     assert leftovers(work) == ["notes"] and mine.read_text() == "keep"
     report = json.loads((tmp_path / "report" / "stability.json").read_text())
     assert "seconds" not in report and report["timing"]["seconds"] >= 0
+
+
+def test_stability_work_dir_on_a_read_only_mount(capsys, model_pairs, seeds_file, tmp_path):
+    """--work-dir on a read-only file system: one line before any model loads (item 8)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a read-only tmpfs needs root and mount(8)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        teacher, student = model_pairs["llama"]
+        line = one_line_error(*run_cli(capsys, "stability", "--teacher", teacher, "--student",
+                                       student, "--seeds", seeds_file, "--out",
+                                       tmp_path / "report", "--work-dir", ro / "work", "--quiet"))
+        assert f"--work-dir {ro / 'work'}: cannot write in {ro}" in line
+        assert not (tmp_path / "report").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
