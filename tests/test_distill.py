@@ -86,6 +86,25 @@ def test_a_teacher_with_another_vocabulary_is_refused(model_pairs, train_file, t
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
 
 
+def test_a_student_whose_logits_miss_added_tokens_is_refused_before_training(tmp_path):
+    """The shared tokenizer has two added tokens; the teacher's embedding was resized for them,
+    the student's not. Equal vocabularies, but the student has two logits fewer than the KL
+    compares: refused by name before any step, not a shape error at step 1 (issue 23, item 12)."""
+    tok = marker_tokenizer()
+    assert tok.add_tokens(["<extra-one>", "<extra-two>"]) == 2
+    torch.manual_seed(0)
+    teacher = save_tiny(tiny_model("llama", vocab=len(tok), hidden=16, layers=1, heads=2), tok,
+                        tmp_path / "teacher")
+    student = save_tiny(tiny_model("llama", vocab=len(tok) - 2, hidden=16, layers=1, heads=2),
+                        tok, tmp_path / "student")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(4, seed=3))
+    with pytest.raises(UserError, match=r"the student's output layer has \d+ rows for the "
+                                        r"tokenizer's \d+ tokens") as e:
+        run_train(str(student), data, tmp_path / "x",
+                  TrainSettings(**FAST, distill=str(teacher)), progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+
+
 def test_resume_mid_run_gives_the_same_adapter(model_pairs, train_file, tmp_path):
     teacher, student = (str(p) for p in model_pairs["llama"])
     settings = TrainSettings(**FAST, distill=teacher, checkpoint_every=2)

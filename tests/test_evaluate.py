@@ -341,6 +341,79 @@ def test_prompts_longer_than_the_context(model_pairs, tmp_path, monkeypatch):
     assert loaded == [] and not (tmp_path / "huge").exists()
 
 
+def test_overlong_records_refused_skipped_or_truncated(capsys, model_pairs, tmp_path):
+    """One record too long for the context need not cost the others (issue 23, item 18):
+    refuse (the default) names the record and --overlong; skip leaves it out, counted and listed
+    by FILE:LINE in metrics.json; truncate cuts its instruction from the left until it fits."""
+    student = model_pairs["llama"][1]  # context: 2048 tokens (one per character)
+    tail = " Now: what is 2 plus 3?"
+    data = write_jsonl(tmp_path / "mixed.jsonl", [
+        chat("What is 2 plus 3?", "So the answer is 5."),
+        chat("filler " * 400 + tail, "So the answer is 5."),  # ~2,820 characters
+        chat("What is 1 plus 1?", "So the answer is 2.")])
+    base = ["evaluate", "--model", student, "--task", "gsm", "--data", data,
+            "--max-new-tokens", "4", "--quiet", "--out"]
+    code = main([str(a) for a in [*base, tmp_path / "refused"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{data}:2: the prompt is" in err and "--overlong skip|truncate" in err
+    assert not (tmp_path / "refused").exists()
+
+    assert main([str(a) for a in [*base, tmp_path / "skip", "--overlong", "skip"]]) == 0
+    m = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    assert m["n"] == 2 and m["settings"]["overlong"] == "skip"
+    assert m["overlong"]["skipped"] == 1 and m["overlong"]["skipped_records"] == [f"{data}:2"]
+    assert [r["source"] for r in predictions(tmp_path / "skip")] == [f"{data}:1", f"{data}:3"]
+
+    assert main([str(a) for a in [*base, tmp_path / "cut", "--overlong", "truncate"]]) == 0
+    m = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    rows = predictions(tmp_path / "cut")
+    assert m["n"] == 3 and m["overlong"]["truncated"] == 1
+    cut = m["overlong"]["truncated_records"][0]
+    assert cut["record"] == f"{data}:2" and cut["characters_cut"] > 0
+    assert [r["truncated"] for r in rows] == [0, cut["characters_cut"], 0]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(student))
+    prompt = rows[1]["prompt"]
+    assert tail.strip() in prompt and len(tok(prompt)["input_ids"]) + 4 <= 2048
+    item = load_items(get_task("gsm"), data)[1]  # the instruction as the task asks it
+    content, c = item.example.messages[-2]["content"], cut["characters_cut"]
+
+    def tulu(text: str) -> str:
+        return f"<|user|>\n{text.strip()}\n\n<|assistant|>\n"
+
+    assert prompt == tulu(content[c:])
+    assert len(tok(tulu(content[c - 1:]))["input_ids"]) + 4 > 2048  # the least cut that fits
+    assert rows[0]["prompt"] == predictions(tmp_path / "skip")[0]["prompt"]
+
+
+def test_a_recipe_takes_overlong(model_pairs, seeds_file, tmp_path):
+    """`overlong: skip` in a recipe lets the input check pass a record the context cannot hold;
+    without it the check names the record and the option."""
+    import yaml
+
+    from paratransfer.experiment.preflight import check_run_inputs
+    from paratransfer.experiment.recipe import load_recipe
+
+    teacher, student = model_pairs["llama"]
+    data = write_jsonl(tmp_path / "eval.jsonl", [chat("What is 2 plus 3?", "So 5."),
+                                                 chat("x" * 3000 + "?", "So 1.")])
+    raw = {"teacher": str(teacher), "student": str(student), "seeds": [1],
+           "task": {"type": "gsm", "seeds": str(seeds_file), "train": str(seeds_file),
+                    "eval": str(data)},
+           "max_new_tokens": 4, "device": "cpu", "dtype": "float32"}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=r"eval\.jsonl:2: the prompt is .*--overlong skip\|truncate"):
+        check_run_inputs(load_recipe(path))
+    path.write_text(yaml.safe_dump({**raw, "overlong": "skip"}))
+    check_run_inputs(load_recipe(path))
+    path.write_text(yaml.safe_dump({**raw, "overlong": "cut"}))
+    with pytest.raises(UserError, match=r"--overlong: unknown 'cut'"):
+        load_recipe(path)
+
+
 def test_a_model_that_is_not_causal_is_refused(tokenizer, task_files, tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 

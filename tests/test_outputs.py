@@ -170,12 +170,12 @@ def test_temporaries_of_killed_runs_are_removed_next_time(capsys, inputs, tmp_pa
 
     gone, mine = dead_pid(), os.getpid()
     out = tmp_path / "adapter-out"
-    leftovers = [tmp_path / f".adapter-out.partial-{gone}-abc", tmp_path / f".adapter-out.old-{gone}-x",
-                 tmp_path / ".adapter-out.partial-oldstyle"]
+    leftovers = [tmp_path / f".adapter-out.partial-{gone}-abc_1234",
+                 tmp_path / f".adapter-out.old-{gone}-x0x0x0x0"]
     for p in leftovers:
         (p / "inner").mkdir(parents=True)
-    live = tmp_path / f".adapter-out.partial-{mine}-live"  # a writer that is still running
-    other = tmp_path / f".other.partial-{gone}-y"  # another output's: not this run's business
+    live = tmp_path / f".adapter-out.partial-{mine}-livelive"  # a writer that is still running
+    other = tmp_path / f".other.partial-{gone}-yyyyyyyy"  # another output's: not this run's
     for p in (live, other):
         p.mkdir()
     assert all(stale(p, "adapter-out") for p in leftovers) and not stale(live, "adapter-out")
@@ -185,6 +185,27 @@ def test_temporaries_of_killed_runs_are_removed_next_time(capsys, inputs, tmp_pa
     assert code == 0, err
     assert not any(p.exists() for p in leftovers) and live.is_dir() and other.is_dir()
     assert clean_stale(tmp_path) == [other] and live.is_dir()
+
+
+def test_folders_the_tool_did_not_create_are_never_removed(capsys, inputs, tmp_path):
+    """Only names with the whole marker (.NAME.partial|old-PID-XXXXXXXX) are temporaries: a
+    user's own `.adapter.old-backup` beside the output must survive writing it."""
+    from paratransfer.io.outputs import clean_stale, stale
+
+    gone = dead_pid()
+    users = [tmp_path / ".u-adapter.old-backup", tmp_path / ".u-adapter.old-v1",
+             tmp_path / ".u-adapter.partial-notes", tmp_path / f".u-adapter.old-{gone}-mine",
+             tmp_path / f".u-adapter.partial-{gone}-TOOLONG12"]
+    for p in users:
+        (p / "keep.txt").parent.mkdir(parents=True)
+        (p / "keep.txt").write_text("mine")
+    assert not any(stale(p, "u-adapter") for p in users)
+    code, _, err = run_cli(capsys, "extract", "--teacher", inputs["teacher"], "--student",
+                           inputs["student"], "--seeds", inputs["seeds"], "--out",
+                           tmp_path / "u-adapter", "--rank", "4", "--quiet")
+    assert code == 0, err
+    assert all((p / "keep.txt").read_text() == "mine" for p in users)
+    assert clean_stale(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- the same bytes

@@ -328,8 +328,74 @@ def test_sources_that_cannot_load(tmp_path, monkeypatch):
         build(tmp_path, "gsm", tmp_path / "data.txt")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "a", "answer": "1"}\n{oops\n')
-    with pytest.raises(UserError, match=r"broken\.jsonl: could not load it: .*expected a hub"):
+    with pytest.raises(UserError, match=r"broken\.jsonl:2: invalid JSON"):
         build(tmp_path, "gsm", broken)
     # a hub id without a network: one line naming it (offline, nothing is fetched)
     with pytest.raises(UserError, match=r"^openai/gsm8k: could not load it: "):
         build(tmp_path, "gsm", "openai/gsm8k")
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def test_changed_rows_with_the_same_mtime_are_read_again(tmp_path):
+    """The datasets cache is keyed on a local file's path and mtime: rows that changed under a
+    restored mtime must still reach a new --out (issue 23, item 3), and data.json records the
+    source's SHA-256."""
+    import os
+
+    src = tmp_path / "qa.jsonl"
+
+    def write(rows):
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+
+    first = gsm_rows(6)
+    write(first)
+    info1, out1 = build(tmp_path, "gsm", src, out="one", seeds_count=1, train_count=5,
+                        eval_split="rest")
+    second = [dict(r, question=r["question"].replace("Tom", "Ann")) for r in first]
+    write(second)  # same length, same mtime, other rows
+    assert src.stat().st_size == sum(len(json.dumps(r)) + 1 for r in first)
+    info2, out2 = build(tmp_path, "gsm", src, out="two", seeds_count=1, train_count=5,
+                        eval_split="rest")
+    assert all("Ann" in r["messages"][0]["content"] for r in read_jsonl(out2 / "train.jsonl"))
+    assert all("Tom" in r["messages"][0]["content"] for r in read_jsonl(out1 / "train.jsonl"))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert info2["source"]["sha256"] == {"qa.jsonl": digest} != info1["source"]["sha256"]
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("bad.jsonl", '{"question": "a", "answer": "1"}\n{oops\n',
+     r"bad\.jsonl:2: invalid JSON: Expecting property name"),
+    ("bad.jsonl", '{"question": "a", "answer": "1"}\n[1, 2]\n',
+     r"bad\.jsonl:2: a JSON list \(expected one JSON object per line\)"),
+    ("bad.jsonl", '{"question": "\\ud800", "answer": "1"}\n', r"bad\.jsonl:1: .*lone surrogate"),
+    ("empty.jsonl", "", r"empty\.jsonl: empty \(expected rows of data\)"),
+    ("blank.csv", "\n\n", r"blank\.csv: empty"),
+    ("bad.csv", 'question,answer\n"q1","a1"\n"q2","a2",extra\n',
+     r"bad\.csv:3: 3 fields, the header has 2"),
+    ("bad.json", '[{"question": "a"}, 3]', r"bad\.json: item 1 is int"),
+])
+def test_malformed_local_files_are_named_with_their_line(tmp_path, name, text, needle):
+    """`data` on a malformed local JSONL/CSV (issue 23, item 15): FILE:LINE, not the library's
+    "An error occurred while generating the dataset" or a StopIteration."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=needle) as e:
+        build(tmp_path, "gsm", path, seeds_count=1, train_count=1)
+    assert "\n" not in str(e.value) and "generating the dataset" not in str(e.value)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / f"train{path.suffix}").write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=r"folder/train"):
+        build(tmp_path, "gsm", folder, seeds_count=1, train_count=1)
+
+
+def test_train_count_zero_means_no_seeds_either(tmp_path, gsm_source):
+    """`--train-count 0` alone (help: "0: no seeds or train file") is not refused for the
+    default --seeds-count (issue 23, item 19)."""
+    info, out = build(tmp_path, "gsm", gsm_source, train_count=0, eval_split="train",
+                      eval_count=3)
+    assert info["counts"] == {"seeds": 0, "train": 0, "eval": 3}
+    assert sorted(p.name for p in out.iterdir()) == ["data.json", "eval.jsonl"]

@@ -16,8 +16,10 @@ def register(sub) -> None:
                     "or the longest choice for mmlu) must fit the model's context. A few-shot "
                     "prompt that does not fit gets fewer worked examples (the last ones dropped "
                     "first; predictions.jsonl records how many); one that does not fit even "
-                    "without any is refused with its record's FILE:LINE, before the model is "
-                    "loaded.")
+                    "without any is, by --overlong, refused with its record's FILE:LINE before "
+                    "the model is loaded (refuse, the default), left out and listed in "
+                    "metrics.json (skip), or given with its instruction cut from the left until "
+                    "it fits (truncate).")
     p.add_argument("--model", required=True,
                    help="causal LM folder or hub id (merged model, plain student, teacher)")
     p.add_argument("--adapter", default=None,
@@ -40,6 +42,10 @@ def register(sub) -> None:
                    help="auto (the judge's chat template if any, else tulu), tulu or chat-template")
     p.add_argument("--prompt-format", default="tulu",
                    help="tulu (docs/method.md §1, as `train` uses) or chat-template")
+    p.add_argument("--overlong", default="refuse", choices=("refuse", "skip", "truncate"),
+                   help="a record too long for the context even without worked examples: "
+                        "refuse (default), skip (counted and listed by FILE:LINE in "
+                        "metrics.json) or truncate (its instruction cut from the left)")
     add_common(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -51,7 +57,7 @@ def _cmd_evaluate(args) -> int:
     settings = EvalSettings(
         task=args.task, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, prompt_format=args.prompt_format,
-        judge_prompt_format=args.judge_prompt_format,
+        judge_prompt_format=args.judge_prompt_format, overlong=args.overlong,
     )
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,13 @@ from paratransfer import __version__
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
 from paratransfer.io.errors import UserError
 from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
+from paratransfer.io.readers import json_line
 from paratransfer.tasks import examples as data
 from paratransfer.teacher.models import load_model, load_tokenizer, model_label
+
+#: What to do with a record whose prompt does not fit the context even without worked
+#: examples: stop (the default), leave it out (listed in metrics.json), or cut its instruction.
+OVERLONG = ("refuse", "skip", "truncate")
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -39,6 +44,7 @@ class EvalSettings:
     max_new_tokens: int | None = None  # None: the task's default
     prompt_format: str = "tulu"
     judge_prompt_format: str = "auto"  # auto: the judge's chat template when it has one
+    overlong: str = "refuse"  # a record whose prompt cannot fit: refuse | skip | truncate
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -51,6 +57,9 @@ class EvalSettings:
         formats = ", ".join(data.PROMPT_FORMATS)
         if self.prompt_format not in data.PROMPT_FORMATS:
             raise UserError(f"--prompt-format: unknown {self.prompt_format!r} (expected one of: {formats})")
+        if self.overlong not in OVERLONG:
+            raise UserError(f"--overlong: unknown {self.overlong!r} (expected one of: "
+                            f"{', '.join(OVERLONG)})")
         if self.judge_prompt_format != "auto" and self.judge_prompt_format not in data.PROMPT_FORMATS:
             raise UserError(f"--judge-prompt-format: unknown {self.judge_prompt_format!r} "
                             f"(expected auto or one of: {formats})")
@@ -60,7 +69,8 @@ class EvalSettings:
     def from_recipe(cls, task: str, s: dict[str, Any]) -> EvalSettings:
         """From a recipe's (or arm's) settings; the evaluation batch is `eval_batch_size`."""
         return cls(task=task, shots=s["shots"], limit=s["limit"], batch_size=s["eval_batch_size"],
-                   max_new_tokens=s["max_new_tokens"], prompt_format=s["prompt_format"])
+                   max_new_tokens=s["max_new_tokens"], prompt_format=s["prompt_format"],
+                   overlong=s.get("overlong", "refuse"))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -128,10 +138,7 @@ def read_reference(results: str | Path, task: Task, items: list[Item]) -> list[s
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            row = json_line(line, f"{path}:{lineno}", "one prediction per line")
             if not (isinstance(row, dict) and isinstance(row.get("id"), str)
                     and isinstance(row.get("output"), str)):
                 raise UserError(f'{path}:{lineno}: expected an object with string "id" and "output"')
@@ -206,50 +213,151 @@ def answer_room(task: Task, item: Item, tokenizer, settings: EvalSettings) -> in
     return max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in item.choices)
 
 
+@dataclass
+class Fitted:
+    """What `fit_to_context` kept: the items, their prompts, each one's number of worked
+    examples; and, by `--overlong`, the records left out and those whose instruction was cut
+    (FILE:LINE -> characters cut from the left)."""
+
+    items: list[Item]
+    prompts: list[str]
+    shots: list[int]
+    skipped: list[str] = field(default_factory=list)
+    truncated: dict[str, int] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any] | None:
+        """metrics.json's `overlong`: None when every record fitted as it was."""
+        if not (self.skipped or self.truncated):
+            return None
+        return {"skipped": len(self.skipped), "skipped_records": self.skipped,
+                "truncated": len(self.truncated),
+                "truncated_records": [{"record": k, "characters_cut": v}
+                                      for k, v in self.truncated.items()]}
+
+
+def _prompt_tokens(tokenizer, prompt: str, context: int) -> int:
+    """The prompt's token count, exact up to `context`; beyond it, some number above it (a
+    prompt of megabytes is not tokenized in full to learn that it does not fit)."""
+    return len(data.leading_tokens(tokenizer, prompt, context))
+
+
+def _instruction_at(messages: tuple[dict[str, str], ...]) -> int:
+    """The index of the last user turn before the answer: the instruction `truncate` cuts."""
+    for i in range(len(messages) - 2, -1, -1):
+        if messages[i]["role"] == "user":
+            return i
+    return len(messages) - 2
+
+
+def _cut_instruction(item: Item, cut: int) -> Item:
+    """`item` with the first `cut` characters of its instruction removed."""
+    from dataclasses import replace
+
+    messages = list(item.example.messages)
+    at = _instruction_at(item.example.messages)
+    messages[at] = {**messages[at], "content": messages[at]["content"][cut:]}
+    return replace(item, example=replace(item.example, messages=tuple(messages)))
+
+
+def _truncated(task: Task, bare: Item, tokenizer, settings: EvalSettings,
+               context: int) -> tuple[Item, str, int]:
+    """The item with the fewest characters cut from the left of its instruction for its
+    prompt and answer to fit (binary search: a shorter instruction never gives a longer
+    prompt); a UserError when even an empty instruction does not fit."""
+    text = bare.example.messages[_instruction_at(bare.example.messages)]["content"]
+    room = answer_room(task, bare, tokenizer, settings)
+
+    def fits(cut: int) -> tuple[bool, Item, str]:
+        item = _cut_instruction(bare, cut)
+        prompt = prompts_for([item], tokenizer, settings.prompt_format)[0]
+        return _prompt_tokens(tokenizer, prompt, context) + room <= context, item, prompt
+
+    ok, item, prompt = fits(len(text))
+    if not ok:
+        raise UserError(f"{bare.source}: does not fit the model's context of {context} tokens "
+                        f"even with its instruction removed (--overlong truncate; use --overlong "
+                        f"skip to leave it out)")
+    lo, hi = 0, len(text)  # fits(hi) holds; find the least cut that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ok_mid, item_mid, prompt_mid = fits(mid)
+        if ok_mid:
+            hi, item, prompt = mid, item_mid, prompt_mid
+        else:
+            lo = mid + 1
+    return item, prompt, hi
+
+
 def fit_to_context(task: Task, plain: list[Item], items: list[Item], settings: EvalSettings,
                    shots_data: str | Path | None, tokenizer, context: int | None,
-                   say: bool = True) -> tuple[list[Item], list[str], list[int]]:
+                   say: bool = True) -> Fitted:
     """The items, their prompts and each one's number of worked examples, by the stated rule.
 
     A prompt and its answer must fit the model's context: prompt tokens + the answer's room
     (`answer_room`) <= `context`. A few-shot prompt that does not fit gets fewer worked
-    examples, the last ones dropped first; a prompt that does not fit even without any is
-    refused with its record's FILE:LINE, before the model is loaded. No context known: no limit.
+    examples, the last ones dropped first; a prompt that does not fit even without any is, by
+    `settings.overlong`, refused with its record's FILE:LINE before the model is loaded
+    (`refuse`), left out and listed (`skip`), or given with its instruction cut from the left
+    until it fits (`truncate`). No context known: no limit.
     """
-    from paratransfer.evaluate.generation import encode
-
     pool = shot_pool(task, shots_data) if settings.shots else None
-    fitted, prompts, used = [], [], []
+    out = Fitted([], [], [])
     for bare, item in zip(plain, items, strict=True):
         k = settings.shots
         while True:
             prompt = prompts_for([item], tokenizer, settings.prompt_format)[0]
             if context is None:
                 break
-            n, room = len(encode(tokenizer, [prompt])[0]), answer_room(task, item, tokenizer, settings)
+            n = _prompt_tokens(tokenizer, prompt, context)
+            room = answer_room(task, item, tokenizer, settings)
             if n + room <= context:
                 break
             if k == 0:
-                lower = ", or lower --max-new-tokens" if task.generates else ""
-                raise UserError(f"{bare.source}: the prompt is {n} tokens; with {room} for the "
-                                f"answer it exceeds the model's context of {context} tokens "
-                                f"(shorten the record{lower})")
+                break
             k -= 1
             try:
                 item = task.add_shots(bare, pool, k) if k else bare
             except BadExample as e:
                 raise UserError(f"{bare.source}: {e}") from None
-        fitted.append(item)
-        prompts.append(prompt)
-        used.append(k)
-    trimmed = sum(k < settings.shots for k in used)
-    if trimmed and say:
+        if context is not None and n + room > context:
+            if settings.overlong == "skip":
+                out.skipped.append(bare.source)
+                continue
+            if settings.overlong == "truncate":
+                item, prompt, cut = _truncated(task, bare, tokenizer, settings, context)
+                out.truncated[bare.source] = cut
+            else:
+                lower = ", or lower --max-new-tokens" if task.generates else ""
+                exact = len(prompt) <= data.text_cap(tokenizer, context)  # counted in full
+                size = f"{n} tokens" if exact else f"over {n - 1} tokens"
+                raise UserError(f"{bare.source}: the prompt is {size}; with {room} for the "
+                                f"answer it exceeds the model's context of {context} tokens "
+                                f"(shorten the record{lower}, or pass --overlong skip|truncate)")
+        out.items.append(item)
+        out.prompts.append(prompt)
+        out.shots.append(k)
+    if not out.items:
+        raise UserError(f"{plain[0].source.rsplit(':', 1)[0]}: no record fits the model's "
+                        f"context of {context} tokens (--overlong {settings.overlong})")
+    trimmed = sum(k < settings.shots for k in out.shots)
+    if say:
         from paratransfer.io.console import notice
 
-        notice(f"{trimmed} of {len(used)} prompts got fewer than --shots {settings.shots} worked "
-               f"examples to fit the model's context of {context} tokens (predictions.jsonl: shots)")
-    return fitted, prompts, used
-
+        if trimmed:
+            notice(f"{trimmed} of {len(out.shots)} prompts got fewer than --shots "
+                   f"{settings.shots} worked examples to fit the model's context of {context} "
+                   "tokens (predictions.jsonl: shots)")
+        if out.skipped:
+            notice(f"--overlong skip: left out {len(out.skipped)} of {len(plain)} records that "
+                   f"do not fit the model's context of {context} tokens, e.g. "
+                   f"{out.skipped[0]} (all listed in metrics.json: overlong)")
+        if out.truncated:
+            first = next(iter(out.truncated))
+            notice(f"--overlong truncate: cut the instruction of {len(out.truncated)} of "
+                   f"{len(plain)} records from the left to fit the model's context of {context} "
+                   f"tokens, e.g. {first} by {out.truncated[first]} characters "
+                   "(metrics.json: overlong; predictions.jsonl: truncated)")
+    return out
 
 
 def prompts_for(items: list[Item], tokenizer, prompt_format: str) -> list[str]:
@@ -360,8 +468,13 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
         reference_outputs = read_reference(reference, task, items)
 
     tokenizer = load_tokenizer(model_id)
-    items, prompts, shots_used = fit_to_context(task, plain, items, settings, shots_data,
-                                                tokenizer, context_length(model_id, tokenizer))
+    fitted = fit_to_context(task, plain, items, settings, shots_data, tokenizer,
+                            context_length(model_id, tokenizer))
+    if reference_outputs is not None and fitted.skipped:  # keep the reference run's pairing
+        kept = {item.id for item in fitted.items}
+        reference_outputs = [o for item, o in zip(items, reference_outputs, strict=True)
+                             if item.id in kept]
+    items, prompts, shots_used = fitted.items, fitted.prompts, fitted.shots
     model = load_evaluated_model(model_id, adapter, dtype, device)
     outputs, extras = answer(task, model, tokenizer, items, prompts, settings, progress)
     del model
@@ -369,6 +482,8 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
     rows = score_rows(task, items, prompts, outputs, extras)
     if settings.shots:
         rows = [{**row, "shots": k} for row, k in zip(rows, shots_used, strict=True)]
+    if fitted.truncated:
+        rows = [{**row, "truncated": fitted.truncated.get(row["source"], 0)} for row in rows]
     if judge is not None:
         verdicts = judge_rows(task, judge, items, outputs, reference_outputs, settings, dtype,
                               device, progress)
@@ -378,6 +493,7 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
         "task": task.name,
         **summarize(task, rows, judged=judge is not None),
         **({"shots_trimmed": sum(k < settings.shots for k in shots_used)} if settings.shots else {}),
+        **({"overlong": fitted.record()} if fitted.record() else {}),
         "model": model_label(model_id),
         "adapter": model_label(str(adapter)) if adapter is not None else None,
         "data": str(Path(data_path).resolve()),

@@ -16,6 +16,7 @@ import yaml
 
 from paratransfer.evaluate.run import EvalSettings
 from paratransfer.extract.plan import ExtractSettings
+from paratransfer.io.checks import seed_number
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import recipe_keys
 from paratransfer.sensitivity.step import SensitivitySettings
@@ -29,7 +30,7 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
                 "min_vocab_coverage": 0.5, "allow_pad": False},
     "train": recipe_keys(TrainSettings),  # the fields `setting(..., recipe=True)` declares
     "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
-                 "max_new_tokens": None},
+                 "max_new_tokens": None, "overlong": "refuse"},
     "laten": {"laten": "none", "laten_rate": 0.1, "laten_steps": 8, "laten_batch": 16,
               "laten_lr": 3e-5},
     "run": {"dtype": "auto", "device": "auto"},
@@ -175,6 +176,8 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
             or len(set(seeds)) != len(seeds)):
         raise UserError(f"{path}: seeds: expected a list of distinct integers (got {seeds!r})")
+    for s in seeds:
+        seed_number(f"{path}: seeds", s)
     settings = {k: raw.get(k, v) for k, v in SETTING_DEFAULTS.items()}
     if settings["init"] != "transfer":
         raise UserError(f"{path}: init: the recipe's settings are the transfer arm's; give the "

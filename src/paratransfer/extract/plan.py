@@ -25,7 +25,7 @@ from paratransfer.arch import ArchSpec, HeadLayout, ModuleSpec, arch_for, parse_
 from paratransfer.extract import factorize
 from paratransfer.extract import strategies as align
 from paratransfer.extract.vocab import VocabAlignment, align_vocabularies, identity_alignment
-from paratransfer.io.checks import finite_number, rank_fits, whole_number
+from paratransfer.io.checks import finite_number, rank_fits, seed_number, whole_number
 from paratransfer.io.errors import UserError
 from paratransfer.teacher.weights import TeacherWeights, as_teacher_weights
 
@@ -52,7 +52,7 @@ class ExtractSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank", whole_number("--rank", self.rank, 1))
-        object.__setattr__(self, "seed", whole_number("--seed", self.seed))
+        object.__setattr__(self, "seed", seed_number("--seed", self.seed))
         for name in ("alpha", "dropout", "min_vocab_coverage"):
             object.__setattr__(self, name, finite_number(f"--{name.replace('_', '-')}",
                                                          getattr(self, name)))

@@ -23,6 +23,19 @@ def whole_number(flag: str, value: Any, least: int | None = None) -> int:
     return value
 
 
+#: The largest seed torch's and NumPy's generators take (a signed 64-bit integer).
+MAX_SEED = 2**63 - 1
+
+
+def seed_number(flag: str, value: Any) -> int:
+    """A seed as generators take it: a whole number in 0..2**63-1 (torch's `manual_seed` fails
+    past it with "Overflow when unpacking long long", after work has been done)."""
+    value = whole_number(flag, value)
+    if not 0 <= value <= MAX_SEED:
+        raise UserError(f"{flag}: must be between 0 and 2**63-1 = {MAX_SEED} (got {value})")
+    return value
+
+
 def finite_number(flag: str, value: Any) -> float:
     """`value` as a finite float; NaN, infinity and non-numbers are a UserError."""
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -8,9 +8,10 @@ Every command goes through the same steps:
   given, and its folder can be written;
 - `atomic_dir` / `atomic_file` write into a temporary beside the output and rename it into
   place on success; an existing output is replaced only then (`replace_with`);
-- temporaries are named `.NAME.partial-PID-XXXX` (and `.NAME.old-PID-XXXX` while an old
-  output is moved away): `clean_stale` removes those whose process is gone (killed), the next
-  time the same output is written;
+- temporaries are named `.NAME.partial-PID-XXXXXXXX` (and `.NAME.old-PID-XXXXXXXX` while an
+  old output is moved away; XXXXXXXX: the 8 random characters `tempfile` adds): `clean_stale`
+  removes those whose process is gone (killed), the next time the same output is written.
+  Only names carrying that whole marker count: a user's `.adapter.old-backup` is never touched;
 - long runs that write into their output as they go (`train`, `run`) hold `output_lock`, so a
   second run on the same output is refused at once;
 - what is written gets the permissions the user's umask gives new files and folders.
@@ -31,8 +32,9 @@ from typing import Any
 
 from paratransfer.io.errors import UserError
 
-#: A temporary of this module: `.NAME.partial-PID-XXXX` or `.NAME.old-PID-XXXX`.
-_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[^-]*$")
+#: A temporary of this module: `.NAME.partial-PID-XXXXXXXX` or `.NAME.old-PID-XXXXXXXX`, the
+#: tail being the 8 characters `tempfile.mkdtemp`/`mkstemp` draw (lower-case letters, digits, _).
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>[1-9]\d*)-[a-z0-9_]{8}$")
 
 
 def absolute(path: str | Path) -> Path:
@@ -154,6 +156,89 @@ def check_output_path(out: str | Path, overwrite: bool,
     return out
 
 
+def check_work_folder(folder: str | Path, flag: str) -> Path:
+    """Refuse a working folder (such as `--work-dir`) that is a file or cannot be written, before
+    any work; returns it absolute. It need not exist yet: its nearest existing folder must be
+    writable then."""
+    folder = absolute(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: is a file (expected a folder)")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {folder}: cannot be created, {probe} is a file (expected a folder)")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".paratransfer-write-test-", dir=probe)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write in {probe} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+    return folder
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def human_size(n: int) -> str:
+    """Bytes for people: 512 B, 40.0 KiB, 3.2 GiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def free_space(path: str | Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing folder)."""
+    path = absolute(path)
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the quota) is full: an OSError ENOSPC/EDQUOT, or the
+    safetensors writer's error that wraps one (`SafetensorError: ... code: 28 ...`)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return type(e).__name__ == "SafetensorError" and (
+        "code: 28" in text or "No space left" in text or "StorageFull" in text
+        or "QuotaExceeded" in text)
+
+
+def disk_full_error(target: Path, written: Path | None = None, hint: str = "") -> UserError:
+    """The one line a full disk gives: the output, what had been written, what is free."""
+    done = ""
+    if written is not None and written.exists():
+        with contextlib.suppress(OSError):
+            done = f"{human_size(_tree_size(written))} of it written, "
+    return UserError(f"{target}: no space left on the device while writing it ({done}"
+                     f"{human_size(free_space(target))} free there; it needs more: free some "
+                     f"space or write elsewhere{hint})")
+
+
+@contextlib.contextmanager
+def disk_full_as_error(target: str | Path, written: Path | None = None,
+                       hint: str = "") -> Iterator[None]:
+    """Turn a full disk inside the block into a one-line UserError naming `target` (and the
+    size of the temporary `written` so far, measured before it is removed)."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full_error(absolute(target), written, hint) from None
+
+
 # --------------------------------------------------------------------------- temporaries
 
 
@@ -179,11 +264,12 @@ def _alive(pid: int) -> bool:
 
 def stale(entry: Path, name: str | None = None) -> bool:
     """Whether `entry` is a temporary of this module (for output `name`, if given) whose writing
-    process is gone. Temporaries without a process id (older versions) count as stale."""
+    process is gone. A name without the whole marker (process id and tempfile's 8 characters)
+    is someone else's and never stale."""
     m = _SCRATCH.match(entry.name)
     if m is None or (name is not None and m["name"] != name):
         return False
-    return m["pid"] is None or not _alive(int(m["pid"]))
+    return not _alive(int(m["pid"]))
 
 
 def _remove(entry: Path) -> None:
@@ -227,14 +313,16 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     path = refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent, path.name)
-    tmp = scratch_dir(path.parent, path.name)
+    with disk_full_as_error(path):
+        tmp = scratch_dir(path.parent, path.name)
     try:
-        yield tmp
-        if path.exists() and not overwrite:
-            raise UserError(f"{path}: was created by another process meanwhile (pass "
-                            "--overwrite to replace it)")
-        follow_umask(tmp)
-        replace_with(tmp, path)
+        with disk_full_as_error(path, tmp):
+            yield tmp
+            if path.exists() and not overwrite:
+                raise UserError(f"{path}: was created by another process meanwhile (pass "
+                                "--overwrite to replace it)")
+            follow_umask(tmp)
+            replace_with(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -248,16 +336,18 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise UserError(f"{path}: is a folder (expected a file path)")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent, path.name)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent)
+    with disk_full_as_error(path):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        if path.exists() and not overwrite:
-            raise UserError(f"{path}: was created by another process meanwhile (pass "
-                            "--overwrite to replace it)")
-        follow_umask(tmp)
-        os.replace(tmp, path)
+        with disk_full_as_error(path, tmp):
+            yield tmp
+            if path.exists() and not overwrite:
+                raise UserError(f"{path}: was created by another process meanwhile (pass "
+                                "--overwrite to replace it)")
+            follow_umask(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -40,6 +40,46 @@ def read_json(path: str | Path, what: str = "a JSON file") -> Any:
                         f"expected {what})") from None
 
 
+def json_line(raw: bytes | str, where: str, expected: str = "one JSON object per line") -> Any:
+    """One JSONL line parsed, with every string in it encodable as UTF-8; `where` is FILE:LINE.
+
+    JSON may spell a lone surrogate (`"\\ud800"`), which Python decodes into a string no
+    tokenizer or writer accepts: refused here, naming the line, before any step sees it.
+    """
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not valid UTF-8 at byte {e.start} (expected UTF-8 JSON)") from None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON: {e.msg} at column {e.colno} (expected {expected})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply (expected {expected})") from None
+    _check_text(value, where)
+    return value
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Refuse strings (keys too) holding a lone surrogate, which UTF-8 cannot encode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"{where}: a string holds the lone surrogate "
+                                f"\\u{ord(item[e.start]):04x} at character {e.start} (expected "
+                                "text that UTF-8 can encode)") from None
+
+
 def safetensors_header(path: str | Path) -> dict[str, Any]:
     """The header of a safetensors file after checking the file is whole: the header parses,
     every tensor's byte range fits its dtype and shape, and the ranges cover the data exactly."""

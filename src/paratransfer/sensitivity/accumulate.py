@@ -204,6 +204,29 @@ def save_sensitivity(path: str | Path, sensitivity: Mapping[str, torch.Tensor], 
             w.write(name, value)
 
 
+def _layout(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, object]
+            ) -> tuple[bytes, dict[str, tuple[int, tuple[int, ...]]], int]:
+    """The header bytes of a sensitivity file (every name and shape, all fp32, the metadata;
+    padded so tensors start 8-byte aligned), each tensor's place, and the data's size."""
+    header: dict[str, object] = {"__metadata__": _encode_metadata(metadata)}
+    places: dict[str, tuple[int, tuple[int, ...]]] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        places[name] = (offset, tuple(shape))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), places, offset
+
+
+def sensitivity_file_bytes(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, object]) -> int:
+    """The exact size of the sensitivity file `SensitivityWriter` writes for these shapes and
+    metadata: header included (for a small model it is a good part of the file)."""
+    raw, _, data = _layout(shapes, metadata)
+    return 8 + len(raw) + data
+
+
 class SensitivityWriter:
     """Writes a sensitivity file one tensor at a time, in any order, never holding them all.
 
@@ -214,16 +237,7 @@ class SensitivityWriter:
 
     def __init__(self, path: str | Path, shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, object]):
         self.path = Path(path)
-        header: dict[str, object] = {"__metadata__": _encode_metadata(metadata)}
-        self._places: dict[str, tuple[int, tuple[int, ...]]] = {}
-        offset = 0
-        for name, shape in shapes.items():
-            nbytes = 4 * math.prod(shape)
-            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._places[name] = (offset, tuple(shape))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned
+        raw, self._places, offset = _layout(shapes, metadata)
         self._start = 8 + len(raw)
         self._file = self.path.open("wb")
         self._file.write(struct.pack("<Q", len(raw)))

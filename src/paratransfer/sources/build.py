@@ -60,7 +60,7 @@ class DataSettings:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UserError(f"{flag}: must be an integer of at least 0, got {value!r}")
-        if self.seeds_count > self.train_count:
+        if self.train_count and self.seeds_count > self.train_count:
             raise UserError(f"--seeds-count {self.seeds_count} is larger than --train-count "
                             f"{self.train_count} (the seeds are drawn from the training examples)")
         if self.train_count == 0 and self.eval_count == 0:
@@ -218,7 +218,7 @@ def build_data(settings: DataSettings, out: str | Path, *, overwrite: bool = Fal
         "evaluate_task": fmt.evaluate_task,
         "source": {
             "from": settings.source, "kind": source.kind, "config": source.config,
-            "revision": source.revision,
+            "revision": source.revision, "sha256": source.sha256,
             "splits": {name: {"rows": len(ds), "fingerprint": _fingerprint(ds)}
                        for name, ds in sorted(used.items())},
         },

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from paratransfer.io.errors import UserError
+from paratransfer.sources.local import check_source_files, digests
 
 #: Data-file suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+#: Local files are read again every time: the library's cache is keyed on their path and
+#: modification time, not on their content (see `sources.local`).
+_REBUILD = "force_redownload"
 
 _EXPECTED = ("expected a hub dataset id, a folder saved with save_to_disk, or "
              "JSON/JSONL/Parquet/CSV files")
@@ -31,6 +36,7 @@ class Source:
     kind: str                # "hub" | "disk" | "files"
     config: str | None
     revision: str | None
+    sha256: dict[str, str] | None = None  # local data files -> their SHA-256
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -73,15 +79,20 @@ def load_source(source: str, *, config: str | None = None, revision: str | None 
         if local and path.is_dir() and _is_saved(path):
             return Source(_as_splits(datasets.load_from_disk(str(path))), "disk", None, None)
         if local and path.is_dir():
-            loaded = datasets.load_dataset(str(path), cache_dir=_str(cache_dir))
-            return Source(_as_splits(loaded), "files", None, None)
+            files = check_source_files(path)
+            loaded = datasets.load_dataset(str(path), cache_dir=_str(cache_dir),
+                                           download_mode=_REBUILD)
+            return Source(_as_splits(loaded), "files", None, None, digests(path, files))
         if local or remote_file:
             if suffix not in FILE_BUILDERS:
                 raise UserError(f"{source}: unknown file type {suffix or '(none)'!r} "
                                 f"(expected one of: {', '.join(FILE_BUILDERS)})")
+            files = check_source_files(path) if local else []
             loaded = datasets.load_dataset(FILE_BUILDERS[suffix], data_files={"train": source},
-                                           cache_dir=_str(cache_dir))
-            return Source(_as_splits(loaded), "files", None, None)
+                                           cache_dir=_str(cache_dir),
+                                           download_mode=_REBUILD if local else None)
+            return Source(_as_splits(loaded), "files", None, None,
+                          digests(path, files) if local else None)
         loaded = datasets.load_dataset(source, config, revision=revision, cache_dir=_str(cache_dir))
         return Source(_as_splits(loaded), "hub", config, revision)
     except UserError:

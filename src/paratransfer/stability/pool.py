@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from typing import Any
 
 import torch
 
-from paratransfer.io.checks import whole_number
+from paratransfer.io.checks import MAX_SEED, seed_number, whole_number
 from paratransfer.io.errors import UserError
 
 #: Seed-set sizes drawn when none are given (those below the pool size).
@@ -66,7 +65,7 @@ class StabilitySettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "draws", whole_number("--draws", self.draws, 1))
-        object.__setattr__(self, "seed", whole_number("--seed", self.seed))
+        object.__setattr__(self, "seed", seed_number("--seed", self.seed))
         if self.sizes is not None:
             sizes = tuple(whole_number("--sizes", k, 1) for k in self.sizes)
             if not sizes:
@@ -249,7 +248,7 @@ def draw_subsets(pool: int, sizes: Sequence[int], draws: int, seed: int) -> dict
     a seed, and a size's draws do not depend on which other sizes are asked for."""
     out = {}
     for k in sizes:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + k) % MAX_SEED)
         out[k] = [sorted(torch.randperm(pool, generator=g)[:k].tolist()) for _ in range(draws)]
     return out
 
@@ -266,29 +265,62 @@ def _pool_samples(teacher_id: str, seeds: str | Path, sens_settings) -> list[dic
                                sens_settings.max_length, limit=sens_settings.max_samples)
 
 
+#: The work folder's name: `.paratransfer-stability.partial-PID-XXXXXXXX` in the work dir, so
+#: that the one a killed run left is removed by the next run there (`outputs.clean_stale`).
+WORK_NAME = "paratransfer-stability"
+#: Room kept free beyond the per-sample files: the report (json, md, png) written beside them.
+REPORT_ROOM = 8 * 2**20
+
+
 @contextlib.contextmanager
-def _work_folder(inside: Path, work_dir: str | Path | None) -> Iterator[Path]:
-    """A folder for the per-sample files, removed on the way out whatever happens."""
-    if work_dir is None:
-        folder = inside / "per-sample-sensitivity"
-        folder.mkdir()
-    else:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="paratransfer-stability-", dir=work_dir))
+def _work_folder(work_dir: Path) -> Iterator[Path]:
+    """A folder for the per-sample files in `work_dir`, removed on the way out whatever
+    happens; those of killed earlier runs there are removed first."""
+    from paratransfer.io.outputs import clean_stale, disk_full_as_error, scratch_dir
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(work_dir, WORK_NAME)
+    with disk_full_as_error(work_dir):
+        folder = scratch_dir(work_dir, WORK_NAME)
     try:
-        yield folder
+        with disk_full_as_error(work_dir, folder, hint=" (--work-dir)"):
+            yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_disk(teacher: torch.nn.Module, samples: int, folder: Path) -> None:
-    """Refuse before the pass when the per-sample files cannot fit."""
-    need = samples * 4 * sum(p.numel() for p in teacher.parameters())
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise UserError(f"{folder}: the per-sample sensitivity needs {need / 2**30:.1f} GiB "
-                        f"({samples} samples x one sensitivity file), only {free / 2**30:.1f} GiB "
-                        "free (give --work-dir on a larger disk, or fewer --max-samples)")
+def pool_bytes(teacher: torch.nn.Module, samples: int, metadata: Mapping[str, object]) -> int:
+    """Disk the per-sample files take: `samples` sensitivity files, headers included (each
+    header's metadata with the largest pool index it can carry)."""
+    from paratransfer.sensitivity.accumulate import sensitivity_file_bytes
+
+    shapes = {n: tuple(p.shape) for n, p in teacher.named_parameters()}
+    one = sensitivity_file_bytes(shapes, {**metadata, "samples": 1,
+                                          "pool_index": max(samples - 1, 0)})
+    return samples * one
+
+
+def _check_disk(need: int, samples: int, work_dir: Path) -> None:
+    """Refuse before the pass when the per-sample files (and the report) cannot fit."""
+    free = free_bytes(work_dir)
+    if need + REPORT_ROOM > free:
+        raise UserError(f"{work_dir}: the per-sample sensitivity needs {_size(need)} ({samples} "
+                        f"samples x one sensitivity file of {_size(need // max(samples, 1))}) "
+                        f"and {_size(REPORT_ROOM)} for the report; only {_size(free)} free "
+                        "(give --work-dir on a larger disk, or fewer --max-samples)")
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space where `folder` is (the disk probe, one place to replace in tests)."""
+    from paratransfer.io.outputs import free_space
+
+    return free_space(folder)
+
+
+def _size(n: int) -> str:
+    from paratransfer.io.outputs import human_size
+
+    return human_size(n)
 
 
 def run_stability(teacher_id: str, student_id: str, seeds: str | Path, out: str | Path,
@@ -301,13 +333,15 @@ def run_stability(teacher_id: str, student_id: str, seeds: str | Path, out: str 
     from paratransfer.extract.plan import extract, vocabulary_for
     from paratransfer.extract.step import tokenizers_for
     from paratransfer.io.console import progress as progress_bar
-    from paratransfer.io.outputs import atomic_dir, check_output_path
+    from paratransfer.io.outputs import absolute, atomic_dir, check_output_path, check_work_folder
     from paratransfer.stability.figures import choice_of, compare
     from paratransfer.stability.report import summarize, write_report
     from paratransfer.tasks import examples as data
     from paratransfer.teacher.models import fingerprint, load_model, model_label
 
     out = check_output_path(out, overwrite, [teacher_id, student_id, seeds])
+    work_dir = out.parent if work_dir is None else absolute(work_dir)
+    check_work_folder(work_dir, "--work-dir")
     check_extract_settings(extract_settings)
     started = time.time()
     samples = _pool_samples(teacher_id, seeds, sens_settings)
@@ -324,9 +358,9 @@ def run_stability(teacher_id: str, student_id: str, seeds: str | Path, out: str 
                   "seeds": str(Path(seeds).resolve()), "seeds_sha256": data.file_digest(seeds)}
     meta = {"teacher": provenance["teacher"], "teacher_fingerprint": fingerprint(teacher),
             "prompt_format": sens_settings.prompt_format, "max_length": sens_settings.max_length}
+    _check_disk(pool_bytes(teacher, len(samples), meta), len(samples), work_dir)
     with atomic_dir(out, overwrite) as tmp:
-        with _work_folder(tmp, work_dir) as work:
-            _check_disk(teacher, len(samples), work)
+        with _work_folder(work_dir) as work:
             pool = compute_pool(teacher, samples, work, meta, progress)
             if not len(pool):
                 raise UserError(f"{seeds}: no sample has an answer token left after truncation "

@@ -10,13 +10,13 @@ only. Every problem with a file is a `UserError` naming `FILE:LINE`.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from paratransfer.io.errors import UserError
+from paratransfer.io.readers import json_line
 
 #: Label value ignored by the cross-entropy loss (PyTorch / transformers convention).
 IGNORE_INDEX = -100
@@ -196,18 +196,9 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[Example]:
             if limit is not None and len(examples) >= limit:
                 break
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 at byte {e.start} (expected UTF-8 JSON)") from None
-            if not line.strip():
+            if not raw.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{where}: invalid JSON: {e.msg} at column {e.colno} (expected one JSON object per line)"
-                ) from None
+            record = json_line(raw, where)
             examples.append(
                 example_from_record(record, source=where, default_id=f"{path.stem}-{lineno}")
             )
@@ -311,10 +302,41 @@ def tokenize_example(
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise UserError(f"max_length must be a positive integer, got {max_length!r}")
     prompt, answer = render(example, tokenizer, prompt_format)
-    input_ids = list(tokenizer(prompt + answer)["input_ids"])
-    boundary = min(len(tokenizer(prompt)["input_ids"]), len(input_ids))
+    input_ids = leading_tokens(tokenizer, prompt + answer, max_length)
+    boundary = min(len(leading_tokens(tokenizer, prompt, max_length)), len(input_ids))
     labels = [IGNORE_INDEX] * boundary + input_ids[boundary:]
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+_LONGEST_TOKEN: dict[tuple[int, int], int] = {}
+
+
+def longest_token(tokenizer) -> int:
+    """The most characters one token of `tokenizer` stands for: its longest vocabulary string
+    (byte-level and SentencePiece spellings are never shorter than the text they cover)."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _LONGEST_TOKEN:
+        _LONGEST_TOKEN[key] = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+    return _LONGEST_TOKEN[key]
+
+
+def text_cap(tokenizer, tokens: int) -> int:
+    """A length in characters past which a text certainly holds more than `tokens` tokens, with
+    room to spare (4x, for normalizers that merge characters)."""
+    return 4 * longest_token(tokenizer) * (tokens + 1) + 1024
+
+
+def leading_tokens(tokenizer, text: str, tokens: int) -> list[int]:
+    """The token ids of `text`, of which only the first `tokens` are needed: a text too long
+    to matter is tokenized only up to `text_cap` characters (a 30 MB record costs what a
+    record of that cap costs), and the result holds at least `tokens + 1` ids when the text
+    has more than `tokens`. Tokens well before the cut are those of the whole text."""
+    cap = text_cap(tokenizer, tokens)
+    if len(text) > cap:
+        ids = list(tokenizer(text[:cap])["input_ids"])
+        if len(ids) > tokens:
+            return ids
+    return list(tokenizer(text)["input_ids"])
 
 
 def has_answer(tokens: dict[str, list[int]]) -> bool:

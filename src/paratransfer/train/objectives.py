@@ -81,15 +81,39 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_id: str)
     return len(s)
 
 
+def output_rows(model: torch.nn.Module) -> int:
+    """How many next-token logits `model` gives (its output layer's rows; through a PEFT
+    wrapper, the base layer's)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None and hasattr(head, "base_layer"):
+        weight = head.base_layer.weight
+    return int(weight.shape[0])
+
+
+def check_logits_cover(vocab: int, teacher_rows: int, student_rows: int, teacher_id: str) -> None:
+    """Both models must give a logit for every token of the shared vocabulary: the KL compares
+    the first `vocab` logits of each, so a model with fewer rows (a tokenizer with added tokens
+    whose embedding was not resized) would fail at the first step with a shape error."""
+    for who, rows in (("the teacher", teacher_rows), ("the student", student_rows)):
+        if rows < vocab:
+            raise UserError(f"--distill {teacher_id}: {who}'s output layer has {rows} rows for "
+                            f"the tokenizer's {vocab} tokens (teacher {teacher_rows}, student "
+                            f"{student_rows} rows; expected both to cover the vocabulary, e.g. "
+                            "with the embedding resized to the tokenizer)")
+
+
 def load_distillation(teacher_id: str, student_tokenizer, weight: float, temperature: float,
-                      dtype: torch.dtype, device: torch.device) -> Distillation:
-    """The teacher, loaded in its own dtype on the training device, and the objective."""
+                      dtype: torch.dtype, device: torch.device,
+                      student_rows: int | None = None) -> Distillation:
+    """The teacher, loaded in its own dtype on the training device, and the objective;
+    `student_rows` is the student's number of logits, checked against the vocabulary too."""
     from paratransfer.teacher.models import load_model, load_tokenizer
 
     vocab = check_same_vocabulary(load_tokenizer(teacher_id), student_tokenizer, teacher_id)
     teacher = load_model(teacher_id, dtype=dtype, device=device)
-    rows = teacher.get_output_embeddings().weight.shape[0]
-    if rows < vocab:
-        raise UserError(f"--distill {teacher_id}: its output layer has {rows} rows for a "
-                        f"vocabulary of {vocab} tokens")
+    rows = output_rows(teacher)
+    check_logits_cover(vocab, rows, rows if student_rows is None else student_rows, teacher_id)
     return Distillation(teacher, weight, temperature, vocab)

@@ -15,6 +15,7 @@ from paratransfer.io.outputs import (
     check_not_an_input,
     check_writable,
     clean_stale,
+    disk_full_as_error,
     output_lock,
     replace_with,
     replacing_dir,
@@ -64,7 +65,9 @@ def run_train(student_id: str, data_path: str | Path, out: str | Path,
         check_not_an_input(out, [student_id, data_path, adapter_dir, eval_data,
                                  settings.distill])
         check_writable(out)
-        with output_lock(out) if dist.main else contextlib.nullcontext():
+        with (output_lock(out) if dist.main else contextlib.nullcontext(),
+              disk_full_as_error(out, hint="; every checkpoint written is whole: continue with "
+                                           "--resume once there is room")):
             work, resume_from = check_output(out, resume, overwrite)
             dist.barrier()  # every process has decided before rank 0 changes anything
             run = setup(student_id, data_path, work, settings, adapter_dir, dtype, device, dist,

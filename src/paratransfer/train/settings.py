@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from paratransfer.io.checks import finite_number, whole_number
+from paratransfer.io.checks import finite_number, seed_number, whole_number
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import setting
 from paratransfer.train.inits import INITS
@@ -74,11 +74,11 @@ class TrainSettings:
                                   ("checkpoint_every", "--checkpoint-every", 1),
                                   ("eval_every", "--eval-every", 1),
                                   ("max_steps", "--max-steps", 1), ("rank", "--rank", 1),
-                                  ("seed", "--seed", None),
                                   ("keep_checkpoints", "keep_checkpoints", 1),
                                   ("init_batches", "--init-batches", 1)):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, whole_number(flag, getattr(self, name), least))
+        object.__setattr__(self, "seed", seed_number("--seed", self.seed))
         for name, flag in (("lr", "--lr"), ("alpha", "--alpha"), ("dropout", "--dropout"),
                            ("warmup_ratio", "warmup_ratio"), ("weight_decay", "weight_decay"),
                            ("max_grad_norm", "max_grad_norm"), ("adam_eps", "adam_eps"),

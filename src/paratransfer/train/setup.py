@@ -192,7 +192,7 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         "trainable_parameters": sum(p.numel() for p in trainable),
         "heldout": _heldout_metadata(eval_data, heldout, settings),
     }
-    objective = _setup_objective(settings, tokenizer, dtype, device, meta)
+    objective = _setup_objective(settings, tokenizer, dtype, device, meta, model)
     run = Run(settings, model, optimizer, examples, pad_id, total, meta["warmup_steps"], device,
               dtype, dist, out, meta, heldout=heldout, objective=objective)
     if resume_from is not None:
@@ -290,17 +290,18 @@ def _heldout_metadata(eval_data: str | Path | None, heldout: list,
 
 
 def _setup_objective(settings: TrainSettings, tokenizer, dtype: torch.dtype,
-                     device: torch.device, meta: dict):
+                     device: torch.device, meta: dict, model: torch.nn.Module):
     """Cross-entropy, or distillation from the teacher (recorded in `meta["distill"]`)."""
     if settings.distill is None:
         return CrossEntropy()
     from paratransfer.io.devices import DTYPES
     from paratransfer.teacher.models import model_label
-    from paratransfer.train.objectives import load_distillation
+    from paratransfer.train.objectives import load_distillation, output_rows
 
     teacher_dtype = dtype if settings.teacher_dtype == "auto" else DTYPES[settings.teacher_dtype]
     objective = load_distillation(settings.distill, tokenizer, settings.distill_weight,
-                                  settings.distill_temperature, teacher_dtype, device)
+                                  settings.distill_temperature, teacher_dtype, device,
+                                  student_rows=output_rows(model))
     meta["distill"] = {"teacher": model_label(settings.distill),
                        "weight": settings.distill_weight,
                        "temperature": settings.distill_temperature,
