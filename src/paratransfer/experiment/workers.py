@@ -126,6 +126,8 @@ def run_chains(recipe, out: Path, chains: dict[tuple[str, int], list[int]], jobs
                     continue
             running.remove(worker)
             worker.reader.join()
+            if worker.process.returncode in (130, -signal.SIGINT):
+                raise KeyboardInterrupt  # Ctrl-C reached the worker first: an interruption
             problem = worker.failure()
             if problem is not None:
                 raise UserError(problem)
