@@ -359,3 +359,113 @@ def test_recipe_paths_are_relative_to_the_recipe_file(model_pairs, tiny_recipe, 
     path.write_text(yaml.safe_dump({**raw, "rank": 4.7}))
     with pytest.raises(UserError, match=r"--rank: expected a whole number \(got 4.7\)"):
         load_recipe(path)
+
+
+# --------------------------------------------------------------------------- round two (issue 23)
+
+
+def _copy_recipe(base: Path, folder: Path, **changes) -> Path:
+    """`base` with its training file copied into `folder` (so a test may change it)."""
+    import shutil
+
+    raw = yaml.safe_load(base.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    train = Path(shutil.copy(raw["task"]["train"], folder / "train.jsonl"))
+    path = folder / "r.yaml"
+    path.write_text(yaml.safe_dump({**raw, "task": {**raw["task"], "train": str(train)},
+                                    **changes}))
+    return path
+
+
+def test_resume_refuses_when_an_input_changed(small_recipe, tmp_path):
+    """`run --resume` after the training file's rows changed would mix two data sets in one
+    table: refused, naming the input."""
+    path = _copy_recipe(small_recipe, tmp_path / "in")
+    recipe, out = load_recipe(path), tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # in its third step (the first training)
+        run_experiment(recipe, out, progress=False, on_step=_stop_at(3), log=lambda line: None)
+    train = recipe.task.train
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join([rows[1], rows[0], *rows[2:]]) + "\n")  # same rows, reordered
+    with pytest.raises(UserError, match=r"--resume: .*task\.train changed since the run "
+                                        r"started") as e:
+        run_experiment(load_recipe(path), out, resume=True, progress=False,
+                       log=lambda line: None)
+    assert "\n" not in str(e.value)
+
+
+def test_a_model_fingerprint_follows_its_weights(small_recipe, tmp_path):
+    """What `run --resume` compares a model folder by: a changed bit of the weights shows."""
+    import shutil
+
+    from paratransfer.experiment.inputs import model_digest
+
+    student = Path(load_recipe(small_recipe).student)
+    weights = student / "model.safetensors"
+    before = model_digest(str(student))
+    copy = tmp_path / "student"
+    shutil.copytree(student, copy)
+    assert model_digest(str(copy)) == before
+    blob = bytearray((copy / weights.name).read_bytes())
+    blob[-1] ^= 1  # one bit of the last tensor
+    (copy / weights.name).write_bytes(bytes(blob))
+    assert model_digest(str(copy)) != before
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "p/.", "a/b", ".", "..", ".hidden",
+                                  "p.", "", "x" * 65, 7])
+def test_arm_names_are_plain_names(tiny_recipe, tmp_path, name):
+    arms = {"transfer": {}, "lora": {"init": "standard"}, name: {"init": "pissa"}}
+    with pytest.raises(UserError, match="an arm's name must be a plain name"):
+        load_recipe(_write(tmp_path, tiny_recipe, arms=arms))
+
+
+def test_arm_names_differing_only_in_case_are_refused(tiny_recipe, tmp_path):
+    arms = {"transfer": {}, "lora": {"init": "standard"}, "p": {"init": "pissa"},
+            "P": {"init": "spectrum"}}
+    with pytest.raises(UserError, match=r"arms\.[pP]: differs from arm '[pP]' only in case"):
+        load_recipe(_write(tmp_path, tiny_recipe, arms=arms))
+    arms = {"transfer": {}, "lora": {"init": "standard"}, "first-layers_2.b": {"layers": "first"}}
+    assert "first-layers_2.b" in load_recipe(_write(tmp_path, tiny_recipe, arms=arms)).arms
+
+
+def test_eval_batch_size_is_named_by_its_recipe_key(tiny_recipe, tmp_path):
+    with pytest.raises(UserError, match=r"eval_batch_size: must be an integer of at least 1 "
+                                        r"\(got 0\)") as e:
+        load_recipe(_write(tmp_path, tiny_recipe, eval_batch_size=0))
+    assert "--batch-size" not in str(e.value)
+
+
+def test_distill_arm_across_vocabularies_is_refused_before_any_work(tiny_recipe, tmp_path):
+    from paratransfer.demo.tiny import marker_tokenizer, save_tiny, tiny_model
+
+    other = marker_tokenizer()
+    teacher = save_tiny(tiny_model("llama", vocab=len(other), hidden=16, layers=1, heads=2),
+                        other, tmp_path / "other-teacher")
+    arms = {"transfer": {}, "lora": {"init": "standard"},
+            "distill": {"init": "standard", "distill": True}}
+    recipe = load_recipe(_write(tmp_path, tiny_recipe, teacher=str(teacher), arms=arms,
+                                min_vocab_coverage=0.0))
+    started: list[str] = []
+    with pytest.raises(UserError, match=r"arms\.distill: --distill .*another vocabulary"):
+        run_experiment(recipe, tmp_path / "run", progress=False, on_step=started.append)
+    assert started == [] and not (tmp_path / "run").exists()
+
+
+def test_a_failing_chain_under_jobs_names_its_arm_and_seed(small_recipe, tmp_path):
+    """A non-finite loss in a worker: the one line says which arm and seed it was."""
+    recipe = load_recipe(_write(tmp_path, small_recipe, lr=1e30, max_steps=4))
+    with pytest.raises(UserError, match=r"^train (transfer|lora) seed 1: step \d+: the "
+                                        r"(loss|LoRA weight).* became non-finite") as e:
+        run_experiment(recipe, tmp_path / "run", progress=False, log=lambda line: None, jobs=2)
+    assert "\n" not in str(e.value)
+
+
+def test_jobs_beyond_any_count_runs_every_chain_at_once(small_recipe, tmp_path):
+    """--jobs 3000000000 is "all chains at once", not an OverflowError after the shared steps."""
+    recipe = load_recipe(small_recipe)
+    result = run_experiment(recipe, tmp_path / "run", progress=False, log=lambda line: None,
+                            jobs=3_000_000_000)
+    assert result["steps"]["ran"] == 6
+    with pytest.raises(UserError, match="--jobs: expected a whole number"):
+        run_experiment(recipe, tmp_path / "other", progress=False, jobs=2.5)

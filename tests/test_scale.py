@@ -73,13 +73,22 @@ def in_memory(teacher_dir, seeds_file):
 # --------------------------------------------------------------------------- data parallel
 
 # One command per torchrun launch, as users run it (a second process group re-created on the
-# same rendezvous port inside one launch can hang).
+# same rendezvous port inside one launch can hang). Once the command has returned, no gloo
+# thread may be left: threads of a process group that outlived destroy_process_group ran on
+# into interpreter shutdown, which aborted a rank under load ("terminate called without an
+# active exception").
 DDP_SCRIPT = """
-import sys
+import os, sys
+from pathlib import Path
 from paratransfer.cli.entry import main
 teacher, seeds, out, name = sys.argv[1:5]
 common = ["sensitivity", "--teacher", teacher, "--seeds", seeds, "--quiet"]
 assert main([*common, "--out", out + "/" + name, *sys.argv[5:]]) == 0
+if sys.platform.startswith("linux"):
+    names = [Path(f"/proc/self/task/{t}/comm").read_text().strip()
+             for t in os.listdir("/proc/self/task")]
+    left = [n for n in names if "gloo" in n]
+    assert not left, f"threads of the destroyed process group still run: {left}"
 """
 
 

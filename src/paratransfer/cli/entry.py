@@ -16,6 +16,7 @@ from paratransfer.cli import train as cli_train
 from paratransfer.cli.options import Parser, add_common, add_extraction, add_seed_data
 from paratransfer.io.console import quiet_libraries
 from paratransfer.io.errors import UserError
+from paratransfer.io.signals import Terminated, terminate_like_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,16 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of both `paratransfer` and `python -m paratransfer`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
+    terminate_like_interrupt()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted (outputs are renamed into place only when complete; a training run or "
               "experiment continues with --resume)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -67,7 +67,11 @@ class EvalSettings:
 
     @classmethod
     def from_recipe(cls, task: str, s: dict[str, Any]) -> EvalSettings:
-        """From a recipe's (or arm's) settings; the evaluation batch is `eval_batch_size`."""
+        """From a recipe's (or arm's) settings; the evaluation batch is `eval_batch_size` (an
+        error names that key: `--batch-size` is training's in a recipe)."""
+        batch = s["eval_batch_size"]
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise UserError(f"eval_batch_size: must be an integer of at least 1 (got {batch!r})")
         return cls(task=task, shots=s["shots"], limit=s["limit"], batch_size=s["eval_batch_size"],
                    max_new_tokens=s["max_new_tokens"], prompt_format=s["prompt_format"],
                    overlong=s.get("overlong", "refuse"))

@@ -49,6 +49,7 @@ def check_run_inputs(recipe) -> None:
     teacher_tok = _model(recipe.teacher, f"{recipe.source}: teacher")
     student_tok = _model(recipe.student, f"{recipe.source}: student")
     task = get_task(recipe.task.type)
+    _check_distillation(recipe, teacher_tok, student_tok)
     data.read_examples(recipe.task.seeds)
     data.read_examples(recipe.task.train)
     arms = [recipe.arm_settings(arm) for arm in recipe.arms]
@@ -82,3 +83,16 @@ def check_run_inputs(recipe) -> None:
         items = apply_shots(task, plain, settings.shots, shots)
         fit_to_context(task, plain, items, settings, shots, tokenizer,
                        context_length(model, tokenizer), say=False)
+
+
+def _check_distillation(recipe, teacher_tok, student_tok) -> None:
+    """A distill arm needs one vocabulary for teacher and student: refused here, not when the
+    arm's training starts after the other arms have trained."""
+    from paratransfer.train.objectives import check_same_vocabulary
+
+    for arm in recipe.arms:
+        if recipe.arm_settings(arm)["distill"]:
+            try:
+                check_same_vocabulary(teacher_tok, student_tok, recipe.teacher)
+            except UserError as e:
+                raise UserError(f"{recipe.source}: arms.{arm}: {e}") from None

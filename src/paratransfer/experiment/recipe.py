@@ -8,6 +8,7 @@ strategies alike. Every check runs before any work starts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,10 @@ def _parse_arms(arms: Any, path: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(arms, dict) or not arms:
         raise UserError(f"{path}: arms: expected a mapping of arm name -> the setting it changes")
     out: dict[str, dict[str, Any]] = {}
+    folded: dict[str, str] = {}
     for name, change in arms.items():
         where = f"{path}: arms.{name}"
+        _check_arm_name(name, where, folded)
         change = {} if change is None else change
         if not isinstance(change, dict):
             raise UserError(f"{where}: expected a mapping of the one setting this arm changes")
@@ -236,12 +239,29 @@ def _parse_arms(arms: Any, path: Path) -> dict[str, dict[str, Any]]:
         if len(change) > 1 and len(against_lora) > 1:
             raise UserError(f"{where}: changes {len(change)} settings ({', '.join(sorted(change))}); "
                             "an arm changes one thing against the transfer arm or the lora arm")
-        out[str(name)] = change
+        out[name] = change
     if "lora" not in out:
         raise UserError(f"{path}: arms: the baseline arm `lora` ({{init: standard}}) is missing")
     if out["lora"] != {"init": "standard"}:
         raise UserError(f"{path}: arms.lora: the baseline is {{init: standard}} and nothing else")
     return out
+
+
+#: An arm's name is a folder under RUN_DIR/arms: a plain name, never a path.
+ARM_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_-])?")
+
+
+def _check_arm_name(name: Any, where: str, folded: dict[str, str]) -> None:
+    """Refuse names that would not be one folder of their own (`../x`, `p/.`, `p` and `P` on
+    a case-insensitive disk): an arm's outputs must never land outside RUN_DIR or in another's."""
+    if not isinstance(name, str) or not ARM_NAME.fullmatch(name):
+        raise UserError(f"{where}: an arm's name must be a plain name (letters, digits, `_`, "
+                        "`-`, `.`; starting with a letter or digit, not ending in `.`; at most 64 characters), "
+                        f"got {name!r}")
+    other = folded.setdefault(name.casefold(), name)
+    if other != name:
+        raise UserError(f"{where}: differs from arm {other!r} only in case (their folders would "
+                        "be one on a case-insensitive disk)")
 
 
 def _check_settings(recipe: Recipe) -> None:

@@ -4,6 +4,7 @@ skips what is done and an interruption loses at most the step in progress.
 
 Layout of RUN_DIR:
     recipe.json                      the validated recipe, as run
+    inputs.json                      its data files' SHA-256 and models' fingerprints
     sensitivity.safetensors          the teacher's sensitivity (shared by every arm)
     reference/{student,teacher}/     evaluation of the untrained student and of the teacher
     arms/ARM/adapter[-seedS]/        extraction (seed-specific only for random strategies)
@@ -74,17 +75,32 @@ def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Pat
     else:
         shutil.rmtree(staged, ignore_errors=True)  # abandoned: its RUN_DIR is gone
         work = out
+    from paratransfer.experiment.inputs import (
+        INPUTS_FILE,
+        check_same_inputs,
+        differences,
+        input_digests,
+    )
+
     record = work / "recipe.json"
+    digests = input_digests(recipe)
     if resume and record.is_file():
+        from paratransfer.io.console import notice
         from paratransfer.io.readers import read_json
 
-        if read_json(record, "a run's recipe") != json.loads(json.dumps(recipe.to_dict())):
-            raise UserError(f"{out}: was run with another recipe (recipe.json differs); "
-                            "use a new --out or --overwrite")
+        saved = read_json(record, "a run's recipe")
+        changed = differences(saved, json.loads(json.dumps(recipe.to_dict())))
+        if changed:
+            raise UserError(f"{out}: was run with another recipe ({', '.join(changed)} differ "
+                            "from recipe.json); use a new --out or --overwrite")
+        if not check_same_inputs(work, out, digests):
+            notice(f"{out}: no {INPUTS_FILE} (a run folder of an earlier version): the data "
+                   "and models the finished steps read cannot be compared; recorded now")
     elif resume:
         raise UserError(f"{out}: not a paratransfer run folder (no recipe.json)")
     work.mkdir(parents=True, exist_ok=True)
     write_json(record, recipe.to_dict())
+    write_json(work / INPUTS_FILE, digests)
     return work
 
 
@@ -311,7 +327,10 @@ class Runner:
             return
         self.on_step(f"[run ] {step.label}")
         started = time.perf_counter()
-        said = step.work()
+        try:
+            said = step.work()
+        except UserError as e:  # which step, arm and seed: under --jobs, lines interleave
+            raise UserError(f"{step.label}: {e}") from None
         seconds = time.perf_counter() - started
         self.ran.append((step.label, seconds))
         self.log(f"{where}: {said} ({seconds:.1f} s)")
@@ -335,46 +354,18 @@ class Runner:
                 for i in indices:
                     self.execute(i, len(steps), steps[i - 1])
         else:
-            self.run_parallel(list(chains.values()), jobs)
+            self.run_parallel(chains, jobs)
         return write_results(self.out, self.recipe, found["metrics"], found["refs"],
                              found["adapters"], found["sens"], found["runs"])
 
-    def run_parallel(self, chains: list[list[int]], jobs: int) -> None:
-        """Each chain in a fresh process (spawned: no state shared with this one), `jobs` at a
-        time, the CPU's threads split between them; they print their own lines."""
-        import multiprocessing
-        import os
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    def run_parallel(self, chains: dict[tuple[str, int], list[int]], jobs: int) -> None:
+        """Each chain in a fresh process, `jobs` at a time (`workers.run_chains`: they end
+        with this process however it ends); their lines come to this run's log."""
+        from paratransfer.experiment.workers import run_chains
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = [pool.submit(_run_chain, self.recipe, self.out, chain, threads)
-                       for chain in chains]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in pending:
-                f.cancel()
-            for f in futures:
-                if f.done() and not f.cancelled():
-                    ran, reused = f.result()  # raises the chain's error, if any
-                    self.ran += ran
-                    self.reused += reused
-
-
-def _run_chain(recipe: Recipe, out: Path, indices: list[int],
-               threads: int) -> tuple[list[tuple[str, float]], list[str]]:
-    """A worker process: plan the same run and execute these steps of it."""
-    import torch
-
-    from paratransfer.io.console import quiet_libraries
-
-    torch.set_num_threads(threads)
-    quiet_libraries()
-    runner = Runner(recipe, out, progress=False)
-    steps, _ = runner.plan()
-    for i in indices:
-        runner.execute(i, len(steps), steps[i - 1])
-    return runner.ran, runner.reused
+        ran, reused = run_chains(self.recipe, self.out, chains, jobs, self.log)
+        self.ran += ran
+        self.reused += reused
 
 
 def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
@@ -388,8 +379,9 @@ def run_experiment(recipe: Recipe, out: str | Path, resume: bool = False,
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (give one)")
-    if jobs < 1:
-        raise UserError(f"--jobs: must be at least 1 (got {jobs})")
+    from paratransfer.io.checks import whole_number
+
+    jobs = whole_number("--jobs", jobs, 1)  # more than the chains: all of them at once
     from paratransfer.experiment.preflight import check_run_inputs
 
     out = absolute(out)

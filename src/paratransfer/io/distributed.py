@@ -46,8 +46,21 @@ def start_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     owns = not torch.distributed.is_initialized()
     if owns:
+        _import_model_loading()
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, owns), device
+
+
+def _import_model_loading() -> None:
+    """Import transformers' model loading before the process group exists, not after.
+
+    Imported while a group exists, `torch.distributed.fsdp` (which transformers' model loading
+    imports) keeps a reference to it: `destroy_process_group` then leaves the group's gloo
+    threads running until the interpreter shuts down, and a process ending with them alive can
+    abort ("terminate called without an active exception"), as it did under load. Imported
+    first, destroying the group stops its threads.
+    """
+    import transformers.modeling_utils  # noqa: F401
 
 
 def sum_across_processes(tensors: list[torch.Tensor], dist: Dist) -> None:
