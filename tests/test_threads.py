@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from paratransfer.threads import cgroup_quota_cpus, choose_threads
+from paratransfer.io.threads import cgroup_quota_cpus, choose_threads
 
 
 def _write(root: Path, rel: str, text: str) -> None:
