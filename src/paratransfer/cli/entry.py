@@ -201,8 +201,8 @@ def _cmd_demo(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of both `paratransfer` and `python -m paratransfer`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_libraries()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors end here, before any import
+    quiet_libraries()                       # of torch or transformers
     try:
         return args.func(args)
     except UserError as e:

@@ -7,7 +7,7 @@ from paratransfer.cli.options import add_common, add_extraction, add_seed_data
 
 def register(sub) -> None:
     """Add the `stability` subcommand to `paratransfer`'s subparsers."""
-    from paratransfer.stability.pool import DEFAULT_DRAWS, DEFAULT_SIZES, WINDOW_REDUCTIONS
+    from paratransfer.stability.settings import DEFAULT_DRAWS, DEFAULT_SIZES, WINDOW_REDUCTIONS
 
     p = sub.add_parser("stability",
                        help="how much the selected layers, windows and factor subspaces change "

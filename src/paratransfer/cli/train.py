@@ -15,7 +15,8 @@ from paratransfer.io.errors import UserError
 def register(sub) -> None:
     """Add the `train` and `merge` subcommands to `paratransfer`'s subparsers."""
     from paratransfer.io.settings import add_setting_flags
-    from paratransfer.train import INITS, TrainSettings
+    from paratransfer.train.inits import INITS
+    from paratransfer.train.settings import TrainSettings
 
     p = sub.add_parser("train", help="LoRA fine-tuning of the student, from transferred or standard init")
     p.add_argument("--student", required=True, help="student model folder or hub id")
