@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from paratransfer.cli.options import add_common
+from paratransfer.cli.options import add_common, add_threads
 from paratransfer.io.errors import UserError
 
 
@@ -40,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--dtype", default="auto", help="float32|bfloat16|float16 (auto: the student's own)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_threads(p)
     p.set_defaults(func=_cmd_merge)
 
 

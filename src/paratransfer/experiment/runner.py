@@ -283,10 +283,11 @@ class Runner:
         """Each chain in a fresh process (spawned: no state shared with this one), `jobs` at a
         time, the CPU's threads split between them; they print their own lines."""
         import multiprocessing
-        import os
         from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        import torch
+
+        threads = max(1, torch.get_num_threads() // jobs)  # this run's threads (--threads), shared
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             futures = [pool.submit(_run_chain, self.recipe, self.out, chain, threads)
@@ -303,12 +304,17 @@ class Runner:
 
 def _run_chain(recipe: Recipe, out: Path, indices: list[int],
                threads: int) -> tuple[list[tuple[str, float]], list[str]]:
-    """A worker process: plan the same run and execute these steps of it."""
-    import torch
-
+    """A worker process: plan the same run and execute these steps of it. It inherits this
+    process's environment (OMP_WAIT_POLICY, set before its torch is imported)."""
     from paratransfer.io.console import quiet_libraries
+    from paratransfer.io.threads import (
+        ThreadChoice,
+        affinity_cpus,
+        apply_threads,
+        cgroup_quota_cpus,
+    )
 
-    torch.set_num_threads(threads)
+    apply_threads(ThreadChoice(threads, "run --threads / --jobs", affinity_cpus(), cgroup_quota_cpus()))
     quiet_libraries()
     runner = Runner(recipe, out, progress=False)
     steps, _ = runner.plan()

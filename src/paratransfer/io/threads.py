@@ -5,8 +5,14 @@ visible count, or a process pinned to fewer cores, those threads wait on each ot
 parallel region, and a command runs several times slower than its work needs. So the default
 is the smaller of the process's CPU affinity and its cgroup CPU quota; `--threads N` overrides.
 
-Standard library only: this module is imported before torch, whose thread pool reads
-`OMP_NUM_THREADS` when it starts.
+Standard library only at import: the command line imports this module before torch, whose
+OpenMP runtime reads `OMP_NUM_THREADS` and `OMP_WAIT_POLICY` when it loads.
+
+Why `OMP_WAIT_POLICY=PASSIVE` by default: under the default policy an OpenMP thread that
+finishes its share spins on its core waiting for the others. Beside another busy process on a
+2-core machine that meant a 2-thread torch workload ran 10-20x slower than with 1 thread; with
+PASSIVE waiting threads sleep, and 2 threads ran about as fast as 1 or faster
+(bench/bench_threads.py measures it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+WAIT_POLICY = "OMP_WAIT_POLICY"
+
+#: The choice `apply_threads` made in this process (None: none made, torch's own default).
+_applied: ThreadChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -126,3 +136,33 @@ def choose_threads(flag: int | None = None, environ: os._Environ | dict | None =
     if quota is not None and max(1, math.floor(quota)) < affinity:
         return ThreadChoice(max(1, math.floor(quota)), "cgroup quota", affinity, quota)
     return ThreadChoice(affinity, "affinity", affinity, quota)
+
+
+def prefer_passive_waiting() -> None:
+    """OpenMP threads sleep rather than spin while they wait, unless the user chose a policy.
+    Only effective before torch is imported (and inherited by spawned workers and torchrun's
+    children, which get this process's environment)."""
+    os.environ.setdefault(WAIT_POLICY, "PASSIVE")
+
+
+def apply_threads(choice: ThreadChoice) -> ThreadChoice:
+    """Set torch's intra-op thread count before any work, and remember it for `runtime()`."""
+    global _applied
+    import torch
+
+    torch.set_num_threads(choice.threads)
+    _applied = choice
+    return choice
+
+
+def runtime() -> dict:
+    """The `runtime` entry of every output JSON: the threads torch used, where their count came
+    from, the CPUs the process could use, and the OpenMP wait policy. The count is torch's own
+    (what the run used) and the source says "torch default" when nothing set it here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    choice = _applied
+    if choice is None or choice.threads != threads:
+        choice = ThreadChoice(threads, "torch default", affinity_cpus(), cgroup_quota_cpus())
+    return {**choice.as_dict(), "omp_wait_policy": os.environ.get(WAIT_POLICY)}

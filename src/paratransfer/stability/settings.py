@@ -9,24 +9,42 @@ from typing import Any
 
 from paratransfer.io.checks import whole_number
 from paratransfer.io.errors import UserError
+from paratransfer.io.settings import from_recipe_keys, recipe_keys, setting
 
 #: Seed-set sizes drawn when none are given (those below the pool size).
 DEFAULT_SIZES = (8, 16, 32, 64)
 DEFAULT_DRAWS = 20
 #: Reductions whose choice is a window, so that window IoU is defined.
 WINDOW_REDUCTIONS = ("window", "window-heads")
-RECIPE_KEYS = ("sizes", "draws", "seed")
+
+
+def parse_sizes(text: str | None) -> tuple[int, ...] | None:
+    """`"8,16,32"` -> (8, 16, 32); None stays None (the defaults)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise UserError(f"--sizes: expected comma-separated whole numbers (got {text!r})") from None
 
 
 @dataclass(frozen=True)
 class StabilitySettings:
-    """Which seed-set sizes to draw, how many draws per size, and the seed of the draws."""
+    """Which seed-set sizes to draw, how many draws per size, and the seed of the draws. Each
+    field is declared once: `paratransfer stability`'s flags and the recipe's `stability:`
+    keys come from it."""
 
-    sizes: tuple[int, ...] | None = None  # None: DEFAULT_SIZES below the pool size
-    draws: int = DEFAULT_DRAWS
-    seed: int = 0
+    sizes: tuple[int, ...] | None = setting(
+        None, "seed-set sizes to draw, comma-separated (default: "
+        f"{','.join(map(str, DEFAULT_SIZES))}, those below the pool size)", recipe=True,
+        parse=str)  # None: DEFAULT_SIZES below the pool size; text from the flag is parsed below
+    draws: int = setting(DEFAULT_DRAWS, "random subsets per size (default {default})",
+                         recipe=True)
+    seed: int = setting(0, "seed of the random subsets (default {default})", recipe=True)
 
     def __post_init__(self) -> None:
+        if isinstance(self.sizes, str):  # `--sizes 8,16`: its error is a one-line UserError
+            object.__setattr__(self, "sizes", parse_sizes(self.sizes))
         object.__setattr__(self, "draws", whole_number("--draws", self.draws, 1))
         object.__setattr__(self, "seed", whole_number("--seed", self.seed))
         if self.sizes is not None:
@@ -59,20 +77,14 @@ class StabilitySettings:
         if sizes is not None and not isinstance(sizes, list):
             raise UserError(f"stability.sizes: expected a list of seed-set sizes (got {sizes!r})")
         try:
-            return cls(tuple(sizes) if sizes is not None else None,
-                       raw.get("draws", DEFAULT_DRAWS), raw.get("seed", 0))
+            return from_recipe_keys(cls, {**recipe_keys(cls), **raw},
+                                    sizes=tuple(sizes) if sizes is not None else None)
         except UserError as e:
             raise UserError(f"stability: {e}") from None
 
 
-def parse_sizes(text: str | None) -> tuple[int, ...] | None:
-    """`"8,16,32"` -> (8, 16, 32); None stays None (the defaults)."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise UserError(f"--sizes: expected comma-separated whole numbers (got {text!r})") from None
+#: The keys of a recipe's `stability:` mapping.
+RECIPE_KEYS = tuple(recipe_keys(StabilitySettings))
 
 
 def check_extract_settings(settings) -> None:

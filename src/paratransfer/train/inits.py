@@ -57,7 +57,12 @@ def _pissa(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
     import torch
     from peft.tuners.lora import layer as lora_layer
 
-    from paratransfer.adapter.inject import lora_layers, lora_parameters, module_of, set_residual_factors
+    from paratransfer.adapter.inject import (
+        lora_layers,
+        lora_parameters,
+        module_of,
+        set_residual_factors,
+    )
     from paratransfer.adapter.lora import ADAPTER_NAME
     from paratransfer.arch.ties import base_layer
 
