@@ -198,3 +198,14 @@ def test_wait_policy_is_set_before_torch_is_imported(given, want, adapters, mode
     assert line, proc.stderr[-2000:]
     assert json.loads(line[-1][6:]) == {"code": 0, "policy": want}
     assert json.loads((out / "merge.json").read_text())["runtime"]["omp_wait_policy"] == want
+
+
+def test_runtime_says_where_the_count_came_from(restore_threads, monkeypatch):
+    from paratransfer.io import threads
+
+    monkeypatch.setattr(threads, "_applied", None)
+    assert threads.runtime()["source"] == "torch default"
+    threads.apply_threads(threads.ThreadChoice(1, "--threads", 2, None))
+    assert (threads.runtime()["threads"], threads.runtime()["source"]) == (1, "--threads")
+    torch.set_num_threads(2)  # code that changes it afterwards (the demo does)
+    assert (threads.runtime()["threads"], threads.runtime()["source"]) == (2, "set in code")

@@ -84,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the arms transfer, lora and distill (logit distillation from the "
                         "teacher, same budget) instead of the controls; default --out "
                         "out/demo-distill")
-    add_threads(p)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo)  # no --threads: its models are built and trained on one
     return parser
 
 

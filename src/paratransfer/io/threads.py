@@ -158,11 +158,13 @@ def apply_threads(choice: ThreadChoice) -> ThreadChoice:
 def runtime() -> dict:
     """The `runtime` entry of every output JSON: the threads torch used, where their count came
     from, the CPUs the process could use, and the OpenMP wait policy. The count is torch's own
-    (what the run used) and the source says "torch default" when nothing set it here."""
+    (what the run used); the source says "torch default" when nothing set it, "set in code"
+    when the code changed it after `apply_threads` (the demo builds its models on one thread)."""
     import torch
 
     threads = torch.get_num_threads()
     choice = _applied
     if choice is None or choice.threads != threads:
-        choice = ThreadChoice(threads, "torch default", affinity_cpus(), cgroup_quota_cpus())
+        source = "torch default" if choice is None else "set in code"
+        choice = ThreadChoice(threads, source, affinity_cpus(), cgroup_quota_cpus())
     return {**choice.as_dict(), "omp_wait_policy": os.environ.get(WAIT_POLICY)}
