@@ -242,9 +242,11 @@ def test_contrast_sentences_say_what_the_interval_says():
     assert "no conclusion" in sentence("x", paired_interval([0.5], [0.4]))
 
 
-def test_parallel_chains_compute_what_one_process_does(tiny_recipe, tmp_path):
+def test_parallel_chains_compute_what_one_process_does(tiny_recipe, tmp_path, monkeypatch):
     """--jobs 2: the (arm, seed) chains run in two spawned processes; same adapters (to fp32
-    rounding: the workers may use another thread count) and the same results."""
+    rounding: the workers may use another thread count) and the same results. The workers
+    share the run's threads and inherit its environment (OMP_WAIT_POLICY)."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     recipe = load_recipe(tiny_recipe)
     one = run_experiment(recipe, tmp_path / "one", progress=False, log=lambda line: None)
     two = run_experiment(recipe, tmp_path / "two", progress=False, log=lambda line: None, jobs=2)
@@ -257,6 +259,10 @@ def test_parallel_chains_compute_what_one_process_does(tiny_recipe, tmp_path):
             assert a.keys() == b.keys()
             for key in a:
                 torch.testing.assert_close(a[key], b[key], **tolerance(torch.float32))
+    worker = json.loads((tmp_path / "two" / "arms" / "lora" / "seed-1" / "train" /
+                         "train.json").read_text())["runtime"]
+    assert worker["source"] == "run --threads / --jobs" and worker["omp_wait_policy"] == "PASSIVE"
+    assert worker["threads"] == max(1, torch.get_num_threads() // 2)
     with pytest.raises(UserError, match="--jobs"):
         run_experiment(recipe, tmp_path / "three", progress=False, jobs=0)
 

@@ -7,8 +7,13 @@ import argparse
 import dataclasses
 
 from paratransfer.cli.entry import build_parser
-from paratransfer.experiment.recipe import STEP_KEYS
+from paratransfer.evaluate import TASKS
+from paratransfer.evaluate.settings import EvalSettings
+from paratransfer.experiment.recipe import SETTING_DEFAULTS, STEP_KEYS, TASK_TYPES
+from paratransfer.extract.settings import ExtractSettings
 from paratransfer.io.settings import add_setting_flags, flag_fields, from_args, recipe_keys, setting
+from paratransfer.sensitivity.settings import SensitivitySettings
+from paratransfer.stability.settings import RECIPE_KEYS, StabilitySettings
 from paratransfer.train import TrainSettings
 
 REQUIRED = ["train", "--student", "s", "--data", "d", "--out", "o"]
@@ -49,3 +54,84 @@ def test_a_new_setting_is_one_declaration():
     assert "how wide (default 4)" in p.format_help()
     assert recipe_keys(Step) == {"width": 4}
     assert dataclasses.asdict(Step()) == {"width": 4, "hidden": 0.5}
+
+
+# --------------------------------------------------------------------------- the other steps
+
+#: command -> its required arguments.
+REQUIRED_OF = {
+    "sensitivity": ["--teacher", "t", "--seeds", "s", "--out", "o"],
+    "extract": ["--teacher", "t", "--student", "s", "--out", "o"],
+    "evaluate": ["--model", "m", "--task", "gsm", "--data", "d", "--out", "o"],
+    "stability": ["--teacher", "t", "--student", "s", "--seeds", "x", "--out", "o"],
+}
+
+
+def _args(command: str, *extra: str) -> argparse.Namespace:
+    return build_parser().parse_args([command, *REQUIRED_OF[command], *extra])
+
+
+def test_step_flags_default_to_the_fields():
+    for command in ("sensitivity", "extract", "stability"):
+        assert from_args(SensitivitySettings, _args(command)) == SensitivitySettings()
+    assert from_args(ExtractSettings, _args("extract")) == ExtractSettings()
+    assert from_args(EvalSettings, _args("evaluate"), task="gsm") == EvalSettings("gsm")
+    assert from_args(StabilitySettings, _args("stability")) == StabilitySettings()
+
+
+def test_every_step_flag_reaches_its_settings():
+    args = _args("extract", "--rank", "8", "--alpha", "4", "--layers", "first", "--reduce",
+                 "rows-cols", "--modules", "attn", "--svd", "exact", "--seed", "3", "--dropout",
+                 "0.1", "--min-vocab-coverage", "0.25", "--allow-pad", "--max-length", "64",
+                 "--max-samples", "2", "--prompt-format", "chat-template")
+    assert from_args(ExtractSettings, args) == ExtractSettings(
+        rank=8, alpha=4.0, layers="first", reduce="rows-cols", modules=("q", "k", "v", "o"),
+        svd="exact", seed=3, dropout=0.1, min_vocab_coverage=0.25, allow_pad=True)
+    assert from_args(SensitivitySettings, args) == SensitivitySettings("chat-template", 64, 2)
+    args = _args("evaluate", "--shots", "2", "--limit", "5", "--batch-size", "3",
+                 "--max-new-tokens", "7", "--prompt-format", "chat-template",
+                 "--judge-prompt-format", "tulu")
+    assert from_args(EvalSettings, args, task="gsm") == EvalSettings(
+        "gsm", shots=2, limit=5, batch_size=3, max_new_tokens=7, prompt_format="chat-template",
+        judge_prompt_format="tulu")
+    args = _args("stability", "--sizes", "4,2", "--draws", "3", "--seed", "5", "--rank", "2")
+    assert from_args(StabilitySettings, args) == StabilitySettings((2, 4), 3, 5)
+    for cls, command in ((ExtractSettings, "extract"), (SensitivitySettings, "sensitivity"),
+                         (StabilitySettings, "stability")):
+        assert {f.name for f in flag_fields(cls)} <= set(vars(_args(command))) | (
+            {"alpha", "dropout", "layers"} if command == "stability" else set())
+
+
+def test_recipe_step_keys_are_the_recipe_fields():
+    assert STEP_KEYS["sensitivity"] == recipe_keys(SensitivitySettings)
+    assert STEP_KEYS["extract"] == recipe_keys(ExtractSettings)
+    assert "seed" not in STEP_KEYS["extract"]  # the recipe's `seeds` list drives it
+    assert STEP_KEYS["evaluate"] == {**recipe_keys(EvalSettings), "shots_data": None}
+    assert "eval_batch_size" in STEP_KEYS["evaluate"] and "batch_size" not in STEP_KEYS["evaluate"]
+    assert RECIPE_KEYS == ("sizes", "draws", "seed")
+    # a recipe that sets nothing gets every step's defaults
+    assert SensitivitySettings.from_recipe(SETTING_DEFAULTS) == SensitivitySettings()
+    assert ExtractSettings.from_recipe(SETTING_DEFAULTS, seed=0) == ExtractSettings()
+    assert EvalSettings.from_recipe("mmlu", SETTING_DEFAULTS) == EvalSettings("mmlu")
+    assert StabilitySettings.from_recipe({}) == StabilitySettings()
+    assert EvalSettings.from_recipe("gsm", {**SETTING_DEFAULTS, "eval_batch_size": 5}).batch_size == 5
+
+
+def test_a_boolean_setting_is_a_switch():
+    @dataclasses.dataclass(frozen=True)
+    class Step:
+        pad: bool = setting(False, "pad it")
+
+    p = argparse.ArgumentParser()
+    add_setting_flags(p, Step)
+    assert from_args(Step, p.parse_args([])) == Step()
+    assert from_args(Step, p.parse_args(["--pad"])) == Step(pad=True)
+
+
+def test_tasks_are_registered_once():
+    from paratransfer.sources import FORMATS
+
+    assert TASK_TYPES == tuple(TASKS)
+    assert {f.evaluate_task for f in FORMATS.values()} <= set(TASKS)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert "|".join(FORMATS) in commands["data"].format_help()

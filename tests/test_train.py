@@ -218,6 +218,7 @@ def test_two_processes_train_what_one_does(model_pairs, adapters, train_file, ar
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
+    env.pop("OMP_WAIT_POLICY", None)  # each child's CLI entry sets it
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "paratransfer", "train",
          "--student", str(student), "--data", str(train_file), "--out", str(out),
@@ -229,6 +230,8 @@ def test_two_processes_train_what_one_does(model_pairs, adapters, train_file, ar
     assert proc.stdout.count("wrote ") == 1  # rank 0 writes and reports
     info = json.loads((out / "train.json").read_text())
     assert info["world_size"] == 2
+    # each child runs the CLI's entry: one thread (OMP_NUM_THREADS), OpenMP threads that sleep
+    assert info["runtime"]["threads"] == 1 and info["runtime"]["omp_wait_policy"] == "PASSIVE"
     PeftModel.from_pretrained(load_model(str(student)), str(out))  # loads
     one = load_file(str(arm_runs["transfer"]["dir"] / "adapter_model.safetensors"))
     two = load_file(str(out / "adapter_model.safetensors"))

@@ -17,6 +17,7 @@ import torch
 
 from paratransfer.io.errors import UserError
 from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
+from paratransfer.io.threads import runtime
 
 
 def _load_raw_tokenizer(name_or_path: str):
@@ -68,7 +69,7 @@ def merged_model(student_id: str, adapter_dir: str | Path, dtype: torch.dtype | 
     model.eval()
     info = {"student": model_label(student_id), "adapter": str(Path(adapter_dir).resolve()),
             "rank": adapter.rank, "alpha": adapter.alpha, "dtype": str(out_dtype).removeprefix("torch."),
-            "untied_head": untied}
+            "untied_head": untied, "runtime": runtime()}
     return model, info
 
 

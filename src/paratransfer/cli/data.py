@@ -32,12 +32,14 @@ def _epilog() -> str:
 
 def register(sub) -> None:
     """Add the `data` subcommand to `paratransfer`'s subparsers."""
+    from paratransfer.sources import FORMATS
+
     p = sub.add_parser(
         "data", help="seed / train / eval files in the project's formats from a dataset",
         description="Build OUT/seeds.jsonl, train.jsonl, eval.jsonl and data.json for a task from "
                     "a Hugging Face dataset (through the `datasets` library) or local files.",
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", metavar="TASK", help="gsm|mmlu|super_ni|lima|open")
+    p.add_argument("task", metavar="TASK", help="|".join(FORMATS))
     p.add_argument("--from", dest="source", required=True,
                    help="hub dataset id (e.g. openai/gsm8k), a folder saved with save_to_disk, "
                         "a folder of data files (train.jsonl, test.jsonl, ...), or one "

@@ -13,10 +13,13 @@ from paratransfer.cli import evaluate as cli_evaluate
 from paratransfer.cli import laten as cli_laten
 from paratransfer.cli import stability as cli_stability
 from paratransfer.cli import train as cli_train
-from paratransfer.cli.options import Parser, add_common, add_extraction, add_seed_data
+from paratransfer.cli.options import Parser, add_common, add_extraction, add_seed_data, add_threads
+from paratransfer.extract.settings import ExtractSettings
 from paratransfer.io.console import quiet_libraries
 from paratransfer.io.errors import UserError
 from paratransfer.io.signals import Terminated, terminate_like_interrupt
+from paratransfer.io.settings import add_setting_flags, from_args
+from paratransfer.io.threads import apply_threads, choose_threads, prefer_passive_waiting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="seed examples (JSONL); needed without --sensitivity")
     p.add_argument("--sensitivity", default=None, help="reuse a file from `paratransfer sensitivity`")
     p.add_argument("--force", action="store_true", help="use a sensitivity file whose metadata does not match")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16; scale alpha/r)")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout recorded in the adapter")
-    p.add_argument("--layers", default="sensitivity", help="sensitivity|first|last|uniform|random")
-    p.add_argument("--reduce", default="window",
-                   help="window|window-heads|rows-cols|first|random (window-heads: q/k/v/o "
-                        "blocks start and end on attention-head boundaries)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
+    add_setting_flags(p, ExtractSettings, only=("alpha", "dropout", "layers", "reduce", "seed"))
     add_extraction(p)
     add_seed_data(p)
     add_common(p)
@@ -77,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training chains (arm x seed) run at once, each in its own process "
                         "(default 1; the results do not depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("demo", help="the paper's experiment in miniature, offline on a CPU")
@@ -98,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default with --seeds: all but distill)")
     p.add_argument("--jobs", type=int, default=None,
                    help="training chains run at once (default 2, the demo's 2-core machine)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo)  # no --threads: its models are built and trained on one
     return parser
 
 
@@ -110,9 +108,10 @@ def _devices(args):
 
 
 def _cmd_sensitivity(args) -> int:
-    from paratransfer.sensitivity.step import SensitivitySettings, run_sensitivity
+    from paratransfer.sensitivity.settings import SensitivitySettings
+    from paratransfer.sensitivity.step import run_sensitivity
 
-    settings = SensitivitySettings(args.prompt_format, args.max_length, args.max_samples)
+    settings = from_args(SensitivitySettings, args)
     if args.offload_dir is not None and not args.stream:
         raise UserError("--offload-dir: only used with --stream")
     device, dtype = _devices(args)
@@ -126,16 +125,11 @@ def _cmd_sensitivity(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from paratransfer.extract.plan import ExtractSettings
     from paratransfer.extract.step import run_extract
-    from paratransfer.sensitivity.step import SensitivitySettings
+    from paratransfer.sensitivity.settings import SensitivitySettings
 
-    settings = ExtractSettings(rank=args.rank, alpha=args.alpha, layers=args.layers,
-                               reduce=args.reduce, modules=tuple(args.modules.split(",")),
-                               svd=args.svd, seed=args.seed, dropout=args.dropout,
-                               min_vocab_coverage=args.min_vocab_coverage,
-                               allow_pad=args.allow_pad)
-    sens_settings = SensitivitySettings(args.prompt_format, args.max_length, args.max_samples)
+    settings = from_args(ExtractSettings, args)
+    sens_settings = from_args(SensitivitySettings, args)
     device, dtype = _devices(args)
     report = run_extract(args.teacher, args.student, args.out, settings, seeds=args.seeds,
                          sensitivity_path=args.sensitivity, sens_settings=sens_settings,
@@ -216,9 +210,12 @@ def _cmd_demo(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of both `paratransfer` and `python -m paratransfer`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_libraries()
+    prefer_passive_waiting()  # before torch loads its OpenMP runtime (see io/threads.py)
     terminate_like_interrupt()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors end here, before any import
+    quiet_libraries()                       # of torch or transformers
+    if hasattr(args, "threads"):            # a command that runs a model
+        apply_threads(choose_threads(args.threads))
     try:
         return args.func(args)
     except UserError as e:

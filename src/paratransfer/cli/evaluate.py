@@ -8,6 +8,8 @@ from paratransfer.cli.options import add_common
 def register(sub) -> None:
     """Add the `evaluate` subcommand to `paratransfer`'s subparsers."""
     from paratransfer.evaluate import TASKS
+    from paratransfer.evaluate.settings import EvalSettings
+    from paratransfer.io.settings import add_setting_flags
 
     tasks = "|".join(TASKS)
     p = sub.add_parser(
@@ -27,38 +29,22 @@ def register(sub) -> None:
     p.add_argument("--task", required=True, help=f"{tasks}")
     p.add_argument("--data", required=True, help="records to evaluate on (JSONL)")
     p.add_argument("--out", required=True, help="results folder: metrics.json, predictions.jsonl")
-    p.add_argument("--shots", type=int, default=0,
-                   help="worked examples before each question (gsm: fixed set or --shots-data; "
-                        "mmlu: same subject from --shots-data); fewer where the context is short")
     p.add_argument("--shots-data", default=None, help="records to take the worked examples from")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation budget (default: gsm 512, super_ni 128, open 1024)")
     p.add_argument("--judge", default=None, help="open: judge model folder or hub id")
     p.add_argument("--reference", default=None,
                    help="open: results folder of the run to compare with (needs --judge)")
-    p.add_argument("--judge-prompt-format", default="auto",
-                   help="auto (the judge's chat template if any, else tulu), tulu or chat-template")
-    p.add_argument("--prompt-format", default="tulu",
-                   help="tulu (docs/method.md §1, as `train` uses) or chat-template")
-    p.add_argument("--overlong", default="refuse", choices=("refuse", "skip", "truncate"),
-                   help="a record too long for the context even without worked examples: "
-                        "refuse (default), skip (counted and listed by FILE:LINE in "
-                        "metrics.json) or truncate (its instruction cut from the left)")
+    add_setting_flags(p, EvalSettings)
     add_common(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
-    from paratransfer.evaluate.run import EvalSettings, run_evaluate
+    from paratransfer.evaluate.run import run_evaluate
+    from paratransfer.evaluate.settings import EvalSettings
     from paratransfer.io.devices import pick_device, pick_dtype
+    from paratransfer.io.settings import from_args
 
-    settings = EvalSettings(
-        task=args.task, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, prompt_format=args.prompt_format,
-        judge_prompt_format=args.judge_prompt_format, overlong=args.overlong,
-    )
+    settings = from_args(EvalSettings, args, task=args.task)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     m = run_evaluate(args.model, args.data, args.out, settings, adapter=args.adapter,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from paratransfer.cli.options import add_common, add_extraction, add_seed_data
+from paratransfer.cli.options import EXTRACTION_KEPT, add_common, add_extraction, add_seed_data
 
 
 def register(sub) -> None:
     """Add the `stability` subcommand to `paratransfer`'s subparsers."""
-    from paratransfer.stability.pool import DEFAULT_DRAWS, DEFAULT_SIZES, WINDOW_REDUCTIONS
+    from paratransfer.io.settings import add_setting_flags
+    from paratransfer.stability.settings import WINDOW_REDUCTIONS, StabilitySettings
 
     p = sub.add_parser("stability",
                        help="how much the selected layers, windows and factor subspaces change "
@@ -18,12 +19,7 @@ def register(sub) -> None:
                    help="the pool of seed examples (JSONL) that subsets are drawn from")
     p.add_argument("--out", required=True,
                    help="folder to write: stability.json, stability.md, stability.png")
-    p.add_argument("--sizes", default=None,
-                   help="seed-set sizes to draw, comma-separated (default: "
-                        f"{','.join(map(str, DEFAULT_SIZES))}, those below the pool size)")
-    p.add_argument("--draws", type=int, default=DEFAULT_DRAWS,
-                   help=f"random subsets per size (default {DEFAULT_DRAWS})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
+    add_setting_flags(p, StabilitySettings)  # --sizes, --draws, --seed (also the extraction's)
     p.add_argument("--reduce", default="window", help="|".join(WINDOW_REDUCTIONS))
     p.add_argument("--work-dir", default=None,
                    help="where the per-sample sensitivity files go while the command runs "
@@ -36,17 +32,16 @@ def register(sub) -> None:
 
 
 def _cmd_stability(args) -> int:
-    from paratransfer.extract.plan import ExtractSettings
+    from paratransfer.extract.settings import ExtractSettings
     from paratransfer.io.devices import pick_device, pick_dtype
-    from paratransfer.sensitivity.step import SensitivitySettings
-    from paratransfer.stability.pool import StabilitySettings, parse_sizes, run_stability
+    from paratransfer.io.settings import from_args
+    from paratransfer.sensitivity.settings import SensitivitySettings
+    from paratransfer.stability.pool import run_stability
+    from paratransfer.stability.settings import StabilitySettings
 
-    settings = StabilitySettings(parse_sizes(args.sizes), args.draws, args.seed)
-    extract_settings = ExtractSettings(rank=args.rank, reduce=args.reduce,
-                                       modules=tuple(args.modules.split(",")), svd=args.svd,
-                                       seed=args.seed, min_vocab_coverage=args.min_vocab_coverage,
-                                       allow_pad=args.allow_pad)
-    sens_settings = SensitivitySettings(args.prompt_format, args.max_length, args.max_samples)
+    settings = from_args(StabilitySettings, args)
+    extract_settings = from_args(ExtractSettings, args, only=(*EXTRACTION_KEPT, "reduce", "seed"))
+    sens_settings = from_args(SensitivitySettings, args)
     device = pick_device(args.device)
     report = run_stability(args.teacher, args.student, args.seeds, args.out, settings,
                            extract_settings, sens_settings, dtype=pick_dtype(args.dtype, device),

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import sys
 
-from paratransfer.cli.options import add_common
+from paratransfer.cli.options import add_common, add_threads
 from paratransfer.io.errors import UserError
 
 
 def register(sub) -> None:
     """Add the `train` and `merge` subcommands to `paratransfer`'s subparsers."""
     from paratransfer.io.settings import add_setting_flags
-    from paratransfer.train import INITS, TrainSettings
+    from paratransfer.train.inits import INITS
+    from paratransfer.train.settings import TrainSettings
 
     p = sub.add_parser("train", help="LoRA fine-tuning of the student, from transferred or standard init")
     p.add_argument("--student", required=True, help="student model folder or hub id")
@@ -39,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--dtype", default="auto", help="float32|bfloat16|float16 (auto: the student's own)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_threads(p)
     p.set_defaults(func=_cmd_merge)
 
 

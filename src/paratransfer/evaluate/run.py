@@ -19,62 +19,20 @@ import torch
 
 from paratransfer import __version__
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
+from paratransfer.evaluate.settings import EvalSettings
 from paratransfer.io.errors import UserError
 from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
 from paratransfer.io.readers import json_line
+from paratransfer.io.threads import runtime
 from paratransfer.tasks import examples as data
 from paratransfer.teacher.models import load_model, load_tokenizer, model_label
 
 #: What to do with a record whose prompt does not fit the context even without worked
 #: examples: stop (the default), leave it out (listed in metrics.json), or cut its instruction.
-OVERLONG = ("refuse", "skip", "truncate")
+from paratransfer.evaluate.settings import OVERLONG  # noqa: E402,F401  (re-exported)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How a model is evaluated; recorded in metrics.json."""
-
-    task: str
-    shots: int = 0
-    limit: int | None = None
-    batch_size: int = 16
-    max_new_tokens: int | None = None  # None: the task's default
-    prompt_format: str = "tulu"
-    judge_prompt_format: str = "auto"  # auto: the judge's chat template when it has one
-    overlong: str = "refuse"  # a record whose prompt cannot fit: refuse | skip | truncate
-
-    def __post_init__(self) -> None:
-        get_task(self.task)
-        for flag, value, least in (("--shots", self.shots, 0), ("--limit", self.limit, 1),
-                                   ("--batch-size", self.batch_size, 1),
-                                   ("--max-new-tokens", self.max_new_tokens, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < least):
-                raise UserError(f"{flag}: must be an integer of at least {least} (got {value!r})")
-        formats = ", ".join(data.PROMPT_FORMATS)
-        if self.prompt_format not in data.PROMPT_FORMATS:
-            raise UserError(f"--prompt-format: unknown {self.prompt_format!r} (expected one of: {formats})")
-        if self.overlong not in OVERLONG:
-            raise UserError(f"--overlong: unknown {self.overlong!r} (expected one of: "
-                            f"{', '.join(OVERLONG)})")
-        if self.judge_prompt_format != "auto" and self.judge_prompt_format not in data.PROMPT_FORMATS:
-            raise UserError(f"--judge-prompt-format: unknown {self.judge_prompt_format!r} "
-                            f"(expected auto or one of: {formats})")
-
-
-    @classmethod
-    def from_recipe(cls, task: str, s: dict[str, Any]) -> EvalSettings:
-        """From a recipe's (or arm's) settings; the evaluation batch is `eval_batch_size` (an
-        error names that key: `--batch-size` is training's in a recipe)."""
-        batch = s["eval_batch_size"]
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise UserError(f"eval_batch_size: must be an integer of at least 1 (got {batch!r})")
-        return cls(task=task, shots=s["shots"], limit=s["limit"], batch_size=s["eval_batch_size"],
-                   max_new_tokens=s["max_new_tokens"], prompt_format=s["prompt_format"],
-                   overlong=s.get("overlong", "refuse"))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -508,6 +466,7 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
                      "reference": str(predictions_path(reference)) if reference else None,
                      "dtype": str(dtype).removeprefix("torch."), "device": str(device)},
         "paratransfer_version": __version__,
+        "runtime": runtime(),
         "timing": {"seconds": round(time.time() - started, 3)},  # apart: differs between runs
     }
     with atomic_dir(out, overwrite) as tmp:

@@ -15,23 +15,22 @@ from typing import Any
 
 import yaml
 
-from paratransfer.evaluate.run import EvalSettings
-from paratransfer.extract.plan import ExtractSettings
+from paratransfer.evaluate import TASKS
+from paratransfer.evaluate.settings import EvalSettings
+from paratransfer.extract.settings import ExtractSettings
 from paratransfer.io.checks import seed_number
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import recipe_keys
-from paratransfer.sensitivity.step import SensitivitySettings
+from paratransfer.sensitivity.settings import SensitivitySettings
 from paratransfer.train.settings import TrainSettings
 
 #: Every setting a recipe (or an arm) may change, by step, with its default.
 STEP_KEYS: dict[str, dict[str, Any]] = {
-    "sensitivity": {"prompt_format": "tulu", "max_length": 2048, "max_samples": None},
-    "extract": {"rank": 16, "alpha": 16.0, "dropout": 0.05, "layers": "sensitivity",
-                "reduce": "window", "modules": "embed,attn,mlp,head", "svd": "auto",
-                "min_vocab_coverage": 0.5, "allow_pad": False},
+    "sensitivity": recipe_keys(SensitivitySettings),
+    "extract": recipe_keys(ExtractSettings),
     "train": recipe_keys(TrainSettings),  # the fields `setting(..., recipe=True)` declares
-    "evaluate": {"shots": 0, "shots_data": None, "limit": None, "eval_batch_size": 16,
-                 "max_new_tokens": None, "overlong": "refuse"},
+    # shots_data is an input file of the evaluation, not one of its settings
+    "evaluate": {**recipe_keys(EvalSettings), "shots_data": None},
     "laten": {"laten": "none", "laten_rate": 0.1, "laten_steps": 8, "laten_batch": 16,
               "laten_lr": 3e-5},
     "run": {"dtype": "auto", "device": "auto"},
@@ -44,7 +43,8 @@ TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name",
 TASK_KEYS = {"type": None, "seeds": None, "train": None, "eval": None}
 #: Optional task files: held-out examples whose loss training records (with `eval_every`).
 OPTIONAL_TASK_KEYS = {"heldout": None}
-TASK_TYPES = ("gsm", "mmlu", "super_ni", "open")
+#: The task types a recipe names: the evaluation tasks, as registered once in `evaluate.TASKS`.
+TASK_TYPES = tuple(TASKS)
 DEFAULT_ARMS: dict[str, dict[str, Any]] = {"transfer": {}, "lora": {"init": "standard"}}
 
 

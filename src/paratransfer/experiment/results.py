@@ -13,6 +13,7 @@ from typing import Any
 
 from paratransfer.extract.plots import plot_results, plot_sensitivity
 from paratransfer.io.outputs import atomic_file, write_json
+from paratransfer.io.threads import runtime
 from paratransfer.sensitivity.accumulate import SensitivityFile
 
 #: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96).
@@ -204,6 +205,7 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
         "arms": rows, "references": references,
         "contrasts": contrasts(rows, metrics, runs, references),
         "heldout_curves": heldout_curves(runs or {}),
+        "runtime": runtime(),  # of the `run` process; each step's own file records its own
     }
     with atomic_file(out / "results.json", overwrite=True) as tmp:
         write_json(tmp, result)

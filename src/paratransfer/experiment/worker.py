@@ -22,13 +22,20 @@ def main(argv: list[str]) -> int:
     die_with_parent(int(parent))
     try:
         recipe, indices, threads = pickle.load(sys.stdin.buffer)
-        import torch
-
         from paratransfer.experiment.runner import Runner
         from paratransfer.io.console import quiet_libraries
         from paratransfer.io.errors import UserError
 
-        torch.set_num_threads(threads)
+        from paratransfer.io.threads import (
+            ThreadChoice,
+            affinity_cpus,
+            apply_threads,
+            cgroup_quota_cpus,
+        )
+
+        # The run's --threads split between its jobs; OMP_WAIT_POLICY comes with the environment.
+        apply_threads(ThreadChoice(threads, "run --threads / --jobs", affinity_cpus(),
+                                   cgroup_quota_cpus()))
         quiet_libraries()
         runner = Runner(recipe, Path(argv[0]), progress=False)
         steps, _ = runner.plan()

@@ -106,7 +106,9 @@ def run_chains(recipe, out: Path, chains: dict[tuple[str, int], list[int]], jobs
     threads split between them. Returns the steps run (with seconds) and those reused; the
     first failure stops the other workers and is raised as one UserError."""
     jobs = min(jobs, len(chains))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)  # this run's threads (--threads), shared
     waiting = list(chains.items())
     running: list[_Worker] = []
     done: queue.Queue = queue.Queue()

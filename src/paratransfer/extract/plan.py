@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from paratransfer.adapter.factors import ModuleFactors
 from paratransfer.adapter.lora import lora_targets
-from paratransfer.arch import ArchSpec, HeadLayout, ModuleSpec, arch_for, parse_roles
+from paratransfer.arch import ArchSpec, HeadLayout, ModuleSpec, arch_for
 from paratransfer.extract import factorize
 from paratransfer.extract import strategies as align
+from paratransfer.extract.settings import ExtractSettings
 from paratransfer.extract.vocab import VocabAlignment, align_vocabularies, identity_alignment
-from paratransfer.io.checks import finite_number, rank_fits, seed_number, whole_number
+from paratransfer.io.checks import rank_fits
 from paratransfer.io.errors import UserError
 from paratransfer.teacher.weights import TeacherWeights, as_teacher_weights
 
@@ -33,56 +34,6 @@ from paratransfer.teacher.weights import TeacherWeights, as_teacher_weights
 HEAD_ROLES = ("q", "k", "v", "o")
 #: Roles indexed by the vocabulary, and the dimension of their `[out, in]` matrix that is.
 VOCAB_DIM = {"embed": 1, "head": 0}
-
-
-@dataclass(frozen=True)
-class ExtractSettings:
-    """Every choice of the extraction step; defaults are the paper's."""
-
-    rank: int = 16
-    alpha: float = 16.0
-    layers: str = "sensitivity"
-    reduce: str = "window"
-    modules: tuple[str, ...] = ("embed", "q", "k", "v", "o", "gate", "up", "down", "head")
-    svd: str = "auto"
-    seed: int = 0
-    dropout: float = 0.05
-    min_vocab_coverage: float = 0.5  # refuse embed/head when fewer student tokens are matched
-    allow_pad: bool = False  # zero-pad teacher matrices narrower than the student's
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rank", whole_number("--rank", self.rank, 1))
-        object.__setattr__(self, "seed", seed_number("--seed", self.seed))
-        for name in ("alpha", "dropout", "min_vocab_coverage"):
-            object.__setattr__(self, name, finite_number(f"--{name.replace('_', '-')}",
-                                                         getattr(self, name)))
-        if self.alpha <= 0:
-            raise UserError(f"--alpha: must be positive (got {self.alpha})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout: must be in [0, 1) (got {self.dropout})")
-        if not 0.0 <= self.min_vocab_coverage <= 1.0:
-            raise UserError(f"--min-vocab-coverage: must be in [0, 1] "
-                            f"(got {self.min_vocab_coverage})")
-        object.__setattr__(self, "modules", parse_roles(self.modules))
-        if self.layers not in align.LAYER_SELECTORS:
-            raise UserError(f"--layers: unknown strategy {self.layers!r} "
-                            f"(expected one of: {', '.join(align.LAYER_SELECTORS)})")
-        if self.reduce not in align.REDUCTIONS:
-            raise UserError(f"--reduce: unknown strategy {self.reduce!r} "
-                            f"(expected one of: {', '.join(align.REDUCTIONS)})")
-        if self.svd not in factorize.FACTORIZERS:
-            raise UserError(f"--svd: unknown method {self.svd!r} "
-                            f"(expected one of: {', '.join(factorize.FACTORIZERS)})")
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "modules": list(self.modules)}
-
-    @classmethod
-    def from_recipe(cls, s: dict, seed: int) -> ExtractSettings:
-        """From a recipe's (or arm's) settings, named as the flags; `seed` drives `random`."""
-        return cls(rank=s["rank"], alpha=s["alpha"], layers=s["layers"], reduce=s["reduce"],
-                   modules=s["modules"], svd=s["svd"], seed=seed, dropout=s["dropout"],
-                   min_vocab_coverage=s["min_vocab_coverage"], allow_pad=bool(s["allow_pad"]))
 
 
 @dataclass

@@ -14,6 +14,7 @@ from paratransfer import __version__
 from paratransfer.arch import arch_for
 from paratransfer.io.errors import UserError
 from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
+from paratransfer.io.threads import runtime
 from paratransfer.sensitivity.step import (
     SensitivitySettings,
     check_sensitivity_matches,
@@ -74,6 +75,7 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
     teacher_tokenizer, student_tokenizer, vocab_note = tokenizers_for(teacher_id, student_id,
                                                                        settings)
     vocab = vocabulary_for(teacher_config, student, settings, teacher_tokenizer, student_tokenizer)
+    stages = {"load_seconds": time.time() - started}  # models, tokenizers, vocabulary alignment
     if sensitivity_path is not None:
         sens = SensitivityFile(sensitivity_path)
         sens_meta = dict(sens.metadata)
@@ -82,12 +84,15 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
     else:
         sens, sens_meta = sensitivity_of(teacher_id, teacher, seeds,
                                          sens_settings or SensitivitySettings(), progress)
+    stages["sensitivity_seconds"] = time.time() - started - sum(stages.values())
     result = extract(teacher, student, sens, settings, vocab=vocab, device=device)
+    stages["extract_seconds"] = time.time() - started - sum(stages.values())  # SVDs included
     del teacher
     svd_seconds = {e["name"]: e["svd"].pop("seconds") for e in result.entries
                    if "seconds" in e.get("svd", {})}
     report = {
         "paratransfer_version": __version__,
+        "runtime": runtime(),
         "teacher": model_label(teacher_id),
         "student": model_label(student_id),
         "rank": settings.rank,
@@ -105,11 +110,14 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
         "skipped": result.skipped,
         "padded": result.padded,
         # apart: the only part that differs between identical runs
-        "timing": {"seconds": round(time.time() - started, 3), "svd_seconds": svd_seconds},
+        "timing": {"seconds": round(time.time() - started, 3), "svd_seconds": svd_seconds,
+                   **{k: round(v, 3) for k, v in stages.items()}},
     }
     with atomic_dir(out, overwrite) as tmp:
+        writing = time.time()
         write_adapter(student, result.factors, tmp, settings.rank, settings.alpha,
                       settings.dropout, student_id)
-        write_json(tmp / "transfer.json", report)
         plot_layer_scores(result.layer_scores, result.selected_layers, tmp / "layers.png")
+        report["timing"]["write_seconds"] = round(time.time() - writing, 3)  # adapter + plot
+        write_json(tmp / "transfer.json", report)
     return report

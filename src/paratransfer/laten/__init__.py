@@ -7,7 +7,15 @@ from teacher neuron vectors to student ones for a few steps, inject once, no fin
 (training the translator), `run` (the command), `outputs` (the folder it writes).
 """
 
-from paratransfer.laten.run import run_laten
 from paratransfer.laten.settings import LATEN_ROLES, LatenSettings
 
 __all__ = ["LATEN_ROLES", "LatenSettings", "run_laten"]
+
+
+def __getattr__(name: str):
+    """`run_laten` on first use: it imports torch, which `--help` must not."""
+    if name == "run_laten":
+        from paratransfer.laten.run import run_laten
+
+        return run_laten
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,6 @@ The CLI only parses flags into this call; experiments, extraction and benchmarks
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,27 +14,9 @@ from paratransfer import __version__
 from paratransfer.arch import arch_for
 from paratransfer.io.errors import UserError
 from paratransfer.io.outputs import atomic_file, check_output_path
+from paratransfer.io.threads import runtime
+from paratransfer.sensitivity.settings import SensitivitySettings
 from paratransfer.teacher.models import fingerprint, load_model, load_tokenizer, model_label
-
-
-@dataclass(frozen=True)
-class SensitivitySettings:
-    """How seed samples become sensitivity; recorded in the file's metadata."""
-
-    prompt_format: str = "tulu"
-    max_length: int = 2048
-    max_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise UserError(f"--max-length: must be at least 2 (got {self.max_length})")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise UserError(f"--max-samples: must be at least 1 (got {self.max_samples})")
-
-    @classmethod
-    def from_recipe(cls, s: dict) -> SensitivitySettings:
-        """From a recipe's settings, named as the flags."""
-        return cls(s["prompt_format"], s["max_length"], s["max_samples"])
 
 
 def _seed_samples(teacher_id: str, seeds: str | Path, settings: SensitivitySettings) -> list[dict]:
@@ -75,6 +56,7 @@ def _sensitivity_metadata(teacher_id: str, teacher, seeds: str | Path,
         "max_length": settings.max_length,
         "dtype": str(dtype).removeprefix("torch."),
         "paratransfer_version": __version__,
+        "runtime": runtime(),
     }
 
 

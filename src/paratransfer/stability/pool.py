@@ -44,83 +44,17 @@ from typing import Any
 
 import torch
 
-from paratransfer.io.checks import MAX_SEED, seed_number, whole_number
+from paratransfer.io.checks import MAX_SEED
 from paratransfer.io.errors import UserError
-
-#: Seed-set sizes drawn when none are given (those below the pool size).
-DEFAULT_SIZES = (8, 16, 32, 64)
-DEFAULT_DRAWS = 20
-#: Reductions whose choice is a window, so that window IoU is defined.
-WINDOW_REDUCTIONS = ("window", "window-heads")
-RECIPE_KEYS = ("sizes", "draws", "seed")
-
-
-@dataclass(frozen=True)
-class StabilitySettings:
-    """Which seed-set sizes to draw, how many draws per size, and the seed of the draws."""
-
-    sizes: tuple[int, ...] | None = None  # None: DEFAULT_SIZES below the pool size
-    draws: int = DEFAULT_DRAWS
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "draws", whole_number("--draws", self.draws, 1))
-        object.__setattr__(self, "seed", seed_number("--seed", self.seed))
-        if self.sizes is not None:
-            sizes = tuple(whole_number("--sizes", k, 1) for k in self.sizes)
-            if not sizes:
-                raise UserError("--sizes: expected at least one seed-set size")
-            if len(set(sizes)) != len(sizes):
-                raise UserError(f"--sizes: a size is repeated ({', '.join(map(str, sizes))})")
-            object.__setattr__(self, "sizes", tuple(sorted(sizes)))
-
-    def sizes_for(self, pool: int) -> tuple[int, ...]:
-        """The sizes to draw from a pool of `pool` usable samples (UserError if one is larger)."""
-        if self.sizes is None:
-            return tuple(k for k in DEFAULT_SIZES if k < pool) or (max(1, pool // 2),)
-        if self.sizes[-1] > pool:
-            raise UserError(f"--sizes: {self.sizes[-1]} is larger than the pool ({pool} seed "
-                            "samples with an answer to score)")
-        return self.sizes
-
-    @classmethod
-    def from_recipe(cls, raw: Any) -> StabilitySettings:
-        """From a recipe's `stability: {sizes: [...], draws: N, seed: S}` mapping."""
-        if not isinstance(raw, dict):
-            raise UserError("stability: expected a mapping with sizes and draws (and seed)")
-        unknown = sorted(set(raw) - set(RECIPE_KEYS))
-        if unknown:
-            raise UserError(f"stability.{unknown[0]}: unknown key (expected one of: "
-                            f"{', '.join(RECIPE_KEYS)})")
-        sizes = raw.get("sizes")
-        if sizes is not None and not isinstance(sizes, list):
-            raise UserError(f"stability.sizes: expected a list of seed-set sizes (got {sizes!r})")
-        try:
-            return cls(tuple(sizes) if sizes is not None else None,
-                       raw.get("draws", DEFAULT_DRAWS), raw.get("seed", 0))
-        except UserError as e:
-            raise UserError(f"stability: {e}") from None
-
-
-def parse_sizes(text: str | None) -> tuple[int, ...] | None:
-    """`"8,16,32"` -> (8, 16, 32); None stays None (the defaults)."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise UserError(f"--sizes: expected comma-separated whole numbers (got {text!r})") from None
-
-
-def check_extract_settings(settings) -> None:
-    """Stability is about the method's own choices: sensitivity layers and a window."""
-    if settings.layers != "sensitivity":
-        raise UserError(f"stability: layers must be 'sensitivity' (got {settings.layers!r}): "
-                        "the other layer strategies do not depend on the seed set")
-    if settings.reduce not in WINDOW_REDUCTIONS:
-        raise UserError(f"stability: reduce must be one of {', '.join(WINDOW_REDUCTIONS)} "
-                        f"(got {settings.reduce!r}): window IoU needs a window")
-
+from paratransfer.stability.settings import (  # noqa: F401  (their old home)
+    DEFAULT_DRAWS,
+    DEFAULT_SIZES,
+    RECIPE_KEYS,
+    WINDOW_REDUCTIONS,
+    StabilitySettings,
+    check_extract_settings,
+    parse_sizes,
+)
 
 # --------------------------------------------------------------------------- the pool
 

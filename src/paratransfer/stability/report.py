@@ -11,6 +11,7 @@ from typing import Any
 from paratransfer import __version__
 from paratransfer.arch import ROLES
 from paratransfer.io.outputs import write_json
+from paratransfer.io.threads import runtime
 
 
 def stats(values: Sequence[float | None]) -> dict[str, float] | None:
@@ -67,6 +68,7 @@ def summarize(provenance: Mapping[str, Any], settings, extract_settings, sens_se
         })
     return {
         "paratransfer_version": __version__,
+        "runtime": runtime(),
         **provenance,
         "settings": {"sizes": list(draws), "draws": settings.draws, "seed": settings.seed,
                      "prompt_format": sens_settings.prompt_format,

@@ -20,47 +20,40 @@ transfer run, r for a standard run), `train.json`, `loss.png`, `initial/` (the a
 was after the init) and `checkpoints/step-NNNNNN/` (the last few).
 """
 
-from paratransfer.io.distributed import Dist, start_distributed, sum_across_processes
-from paratransfer.train.batches import (
-    Example,
-    answer_loss_sum,
-    batch_digest,
-    batch_indices,
-    collate,
-    epoch_order,
-    load_examples,
-    micro_batches,
-    steps_per_epoch,
-)
-from paratransfer.train.checkpoints import (
-    CHECKPOINTS,
-    last_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from paratransfer.train.inits import INITS, Init
-from paratransfer.train.loop import learning_rate, train, train_step
-from paratransfer.train.outputs import TRAIN_JSON, plot_loss, save_outputs, summary
-from paratransfer.train.run import TrainResult, run_train
-from paratransfer.train.settings import TrainSettings
-from paratransfer.train.setup import (
-    adapter_roles,
-    build_lora_model,
-    check_output,
-    init_lora,
-    lora_targets,
-    resolve_settings,
-    resumable,
-    setup,
-)
-from paratransfer.train.state import Run
+import importlib
 
-__all__ = [
-    "CHECKPOINTS", "INITS", "TRAIN_JSON", "Dist", "Example", "Init", "Run", "TrainResult",
-    "TrainSettings", "adapter_roles", "answer_loss_sum", "batch_digest", "batch_indices",
-    "build_lora_model", "check_output", "collate", "epoch_order", "init_lora", "last_checkpoint",
-    "learning_rate", "load_examples", "lora_targets", "micro_batches", "plot_loss",
-    "resolve_settings", "restore_checkpoint", "resumable", "run_train", "save_checkpoint",
-    "save_outputs", "setup", "start_distributed", "steps_per_epoch", "sum_across_processes",
-    "summary", "train", "train_step",
-]
+# The parts are imported on first use of one of their names (PEP 562), so that
+# `paratransfer --help` reads `settings` and `inits` without importing torch, PEFT or transformers.
+_NAMES: dict[str, str] = {
+    "paratransfer.io.distributed": "Dist start_distributed sum_across_processes",
+    "paratransfer.train.batches": "Example answer_loss_sum batch_digest batch_indices collate epoch_order load_examples micro_batches steps_per_epoch",
+    "paratransfer.train.checkpoints": "CHECKPOINTS last_checkpoint restore_checkpoint save_checkpoint",
+    "paratransfer.train.inits": "INITS Init",
+    "paratransfer.train.loop": "learning_rate train train_step",
+    "paratransfer.train.outputs": "TRAIN_JSON plot_loss save_outputs summary",
+    "paratransfer.train.run": "TrainResult run_train",
+    "paratransfer.train.settings": "TrainSettings",
+    "paratransfer.train.setup": "adapter_roles build_lora_model check_output init_lora lora_targets resolve_settings resumable setup",
+    "paratransfer.train.state": "Run",
+}
+
+__all__ = sorted(name for names in _NAMES.values() for name in names.split())
+
+
+def _load_parts() -> None:
+    """Bind every public name, the function `setup` over the submodule of that name too."""
+    for module, names in _NAMES.items():
+        part = importlib.import_module(module)
+        for name in names.split():
+            globals()[name] = getattr(part, name)
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        _load_parts()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

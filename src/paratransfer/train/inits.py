@@ -25,20 +25,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+# The registry's names and help are read by `paratransfer --help`, which must not wait for
+# torch or PEFT: the functions below import them when a run calls them.
+if TYPE_CHECKING:
+    import torch
 
-from paratransfer.adapter.inject import (
-    AdapterFiles,
-    adapter_factors,
-    inject_transfer_init,
-    lora_layers,
-    lora_parameters,
-    module_of,
-    set_residual_factors,
-)
-from paratransfer.adapter.lora import ADAPTER_NAME
-from paratransfer.arch.ties import base_layer
+    from paratransfer.adapter.inject import AdapterFiles
 
 #: (peft model, the adapter or None, seed[, data=InitData]) -> what was done, for train.json
 #: (None: nothing); `data` is passed to the inits that declare `needs_data`.
@@ -63,12 +57,24 @@ class Init:
 
 
 def _transfer(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
+    from paratransfer.adapter.inject import inject_transfer_init
+
     return inject_transfer_init(peft_model, adapter)
 
 
 def _pissa(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
     """PEFT made the Linear layers PiSSA; the embedding layers get the same here."""
+    import torch
     from peft.tuners.lora import layer as lora_layer
+
+    from paratransfer.adapter.inject import (
+        lora_layers,
+        lora_parameters,
+        module_of,
+        set_residual_factors,
+    )
+    from paratransfer.adapter.lora import ADAPTER_NAME
+    from paratransfer.arch.ties import base_layer
 
     params = lora_parameters(peft_model)
     factors: dict[str, torch.Tensor] = {}
@@ -90,6 +96,8 @@ def _pissa(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
 
 def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     """A random [rows, cols] matrix with orthonormal columns (QR of a Gaussian, signs fixed)."""
+    import torch
+
     q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
 
@@ -103,6 +111,8 @@ def spectrum_factors(b0: torch.Tensor, a0: torch.Tensor, seed: int,
                      module: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with the singular values of B0·A0 on random orthonormal directions:
     B = U·diag(σ), A = Vᵀ, as the transferred factors are laid out (B0 = U0·Σ, A0 = V0ᵀ)."""
+    import torch
+
     qb, rb = torch.linalg.qr(b0.double())
     qa, ra = torch.linalg.qr(a0.double().T)
     sigma = torch.linalg.svdvals(rb @ ra.T)  # of B0·A0 = qb (rb raᵀ) qaᵀ, without forming it
@@ -113,6 +123,8 @@ def spectrum_factors(b0: torch.Tensor, a0: torch.Tensor, seed: int,
 
 
 def _spectrum(peft_model, adapter: AdapterFiles | None, seed: int) -> dict:
+    from paratransfer.adapter.inject import adapter_factors, module_of, set_residual_factors
+
     transferred = adapter_factors(peft_model, adapter)
     by_module: dict[str, dict[str, str]] = {}
     for param in transferred:

@@ -12,6 +12,7 @@ import torch
 from paratransfer import __version__
 from paratransfer.io.distributed import Dist
 from paratransfer.io.errors import UserError
+from paratransfer.io.threads import runtime
 from paratransfer.train.batches import load_examples, steps_per_epoch
 from paratransfer.train.checkpoints import CHECKPOINTS, last_checkpoint, restore_checkpoint
 from paratransfer.train.inits import INITS
@@ -264,6 +265,7 @@ def _inputs_metadata(student_id: str, data_path: str | Path, adapter_dir: str | 
 
     return {
         "paratransfer_version": __version__,
+        "runtime": runtime(),
         "student": model_label(student_id),
         "data": str(Path(data_path).resolve()),
         "data_sha256": file_digest(data_path),
