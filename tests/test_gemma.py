@@ -165,3 +165,28 @@ def test_streamed_sensitivity_equals_in_memory(family, gemma_pairs, files, tmp_p
     for name in want:
         ref = want[name].double()
         assert (got[name].double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), name
+
+
+def test_shallower_gemma3_teacher_with_another_tokenizer_feeds_every_student_layer(files, tmp_path):
+    """Gemma 3 (2 layers, SentencePiece-like tokens) -> Llama (5 layers, characters): each
+    student layer takes the teacher layer at its relative depth, in order; vocabularies aligned
+    by token strings; the student is unchanged at step 0."""
+    from test_cross_family import spm_tokenizer
+
+    t_tok, s_tok = spm_tokenizer(), char_tokenizer()
+    teacher = save_tiny(tiny_model("gemma3_text", vocab=len(t_tok), hidden=48, layers=2, heads=6,
+                                   kv_heads=2, mlp=96, seed=7), t_tok, tmp_path / "teacher")
+    student = save_tiny(tiny_model("llama", vocab=len(s_tok), hidden=32, layers=5, heads=4,
+                                   kv_heads=2, mlp=64, seed=8), s_tok, tmp_path / "student")
+    report = run_extract(str(teacher), str(student), tmp_path / "adapter",
+                         ExtractSettings(rank=RANK, alpha=ALPHA), seeds=files["seeds"],
+                         progress=False)
+    saved = json.loads((tmp_path / "adapter" / "transfer.json").read_text())
+    assert saved["selected_layers"] == [0, 0, 1, 1, 1] and saved["layer_rule"] == "depth"
+    assert {(e["student_layer"], e["teacher_layer"]) for e in saved["modules"]
+            if e["student_layer"] is not None} == {(0, 0), (1, 0), (2, 1), (3, 1), (4, 1)}
+    assert report["teacher_family"] == "gemma" and report["vocabulary"]["coverage"] > 0.5
+    prompts = torch.tensor([s_tok("<|user|>\nWhat is 12 + 7?\n\n<|assistant|>\n19")["input_ids"]])
+    want = logits(load_model(str(student)), prompts)
+    model, _ = initialized(student, tmp_path / "adapter", "transfer")
+    assert (logits(model, prompts) - want).abs().max().item() < 1e-4

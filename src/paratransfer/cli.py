@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="use a sensitivity file whose metadata does not match")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16; scale alpha/r)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout recorded in the adapter")
-    p.add_argument("--layers", default="sensitivity", help="sensitivity|first|last|uniform|random")
+    p.add_argument("--layers", default="sensitivity", help="sensitivity|first|last|uniform|random|depth (a teacher "
+                   "shallower than the student is mapped by relative depth)")
     p.add_argument("--reduce", default="window",
                    help="window|window-heads|rows-cols|first|random (window-heads: q/k/v/o "
                         "blocks start and end on attention-head boundaries)")
