@@ -27,8 +27,10 @@ def looks_like_path(name: str) -> bool:
 def check_source(name_or_path: str) -> None:
     """A missing local path is a one-line "no such folder", not a failed hub download; a
     local folder's config and safetensors files must be whole (`readers.check_model_folder`)."""
+    from paratransfer.gguf_models import resolve_model
     from paratransfer.readers import check_model_folder
 
+    name_or_path = resolve_model(name_or_path)  # a .gguf file: its converted folder
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -56,6 +58,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from paratransfer.gguf_models import resolve_model
+
+    name_or_path = resolve_model(str(name_or_path))
     check_source(str(name_or_path))
     kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
@@ -99,6 +104,9 @@ def load_tokenizer(name_or_path: str):
     """The model's tokenizer, with a pad token (EOS when the tokenizer defines none)."""
     from transformers import AutoTokenizer
 
+    from paratransfer.gguf_models import resolve_model
+
+    name_or_path = resolve_model(str(name_or_path))
     folder = Path(name_or_path).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{name_or_path}: no tokenizer in this folder (expected one of "

@@ -15,6 +15,7 @@ import torch
 from paratransfer import __version__
 from paratransfer.arch import arch_for
 from paratransfer.errors import UserError
+from paratransfer.gguf_models import gguf_provenance
 from paratransfer.models import fingerprint, load_model, load_tokenizer, model_label
 from paratransfer.outputs import atomic_dir, atomic_file, check_output_path, write_json
 
@@ -67,6 +68,7 @@ def _sensitivity_metadata(teacher_id: str, teacher, seeds: str | Path,
                f"left after truncation to --max-length {settings.max_length}")
     return {
         "teacher": model_label(teacher_id),
+        **gguf_provenance("teacher", teacher_id),
         "teacher_fingerprint": fingerprint(teacher),
         "seeds": str(Path(seeds).resolve()),
         "seeds_sha256": data.file_digest(seeds),
@@ -259,6 +261,8 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
         "paratransfer_version": __version__,
         "teacher": model_label(teacher_id),
         "student": model_label(student_id),
+        **gguf_provenance("teacher", teacher_id),
+        **gguf_provenance("student", student_id),
         "rank": settings.rank,
         "alpha": settings.alpha,
         "settings": settings.as_dict(),

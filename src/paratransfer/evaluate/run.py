@@ -20,6 +20,7 @@ import torch
 from paratransfer import __version__, data
 from paratransfer.errors import UserError
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
+from paratransfer.gguf_models import gguf_provenance
 from paratransfer.models import load_model, load_tokenizer, model_label
 from paratransfer.outputs import atomic_dir, check_output_path, write_json
 
@@ -186,7 +187,9 @@ def context_length(model_id: str, tokenizer) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(model_id))
+        from paratransfer.gguf_models import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(str(model_id)))
     except (OSError, ValueError, KeyError):
         config = None  # loading the model reports what is wrong
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -378,6 +381,8 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
         **summarize(task, rows, judged=judge is not None),
         **({"shots_trimmed": sum(k < settings.shots for k in shots_used)} if settings.shots else {}),
         "model": model_label(model_id),
+        **gguf_provenance("model", model_id),
+        **gguf_provenance("judge", judge),
         "adapter": model_label(str(adapter)) if adapter is not None else None,
         "data": str(Path(data_path).resolve()),
         "data_sha256": data.file_digest(data_path),

@@ -152,6 +152,7 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     from paratransfer.arch import arch_for
     from paratransfer.data import file_digest
     from paratransfer.inject import check_adapter_shapes, read_adapter
+    from paratransfer.gguf_models import gguf_provenance
     from paratransfer.models import load_model, load_tokenizer, model_label
 
     if INITS[settings.init].needs_adapter and adapter_dir is None:
@@ -193,6 +194,7 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     meta = {
         "paratransfer_version": __version__,
         "student": model_label(student_id),
+        **gguf_provenance("student", student_id),
         "data": str(Path(data_path).resolve()),
         "data_sha256": file_digest(data_path),
         "adapter": str(Path(adapter_dir).resolve()) if adapter_dir is not None else None,
@@ -227,6 +229,7 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
         objective = load_distillation(settings.distill, tokenizer, settings.distill_weight,
                                       settings.distill_temperature, teacher_dtype, device)
         meta["distill"] = {"teacher": model_label(settings.distill),
+                           **gguf_provenance("teacher", settings.distill),
                            "weight": settings.distill_weight,
                            "temperature": settings.distill_temperature,
                            "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
