@@ -163,3 +163,12 @@ def _env() -> dict:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_a_recipe_names_a_gguf_file_relative_to_itself(tmp_path):
+    from paratransfer.recipe import _model_ref
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert _model_ref("m.gguf", "r.yaml: teacher", tmp_path) == str(tmp_path / "m.gguf")
+    with pytest.raises(UserError, match="does not exist"):  # never taken for a hub id
+        _model_ref("absent.gguf", "r.yaml: teacher", tmp_path)

@@ -16,6 +16,11 @@ from collections.abc import Iterable
 LIBRARY_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
     # PEFT reads `model.is_gradient_checkpointing`, which transformers 5.x deprecates.
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
+    # PEFT warns when a tied model's embedding is targeted without `ensure_weight_tying`; here a
+    # tied head never gets LoRA and is untied before the embedding's base weight changes
+    # (inject.untie_head), which is the complication the warning is about.
+    (r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
+     UserWarning, r"peft\."),
 )
 
 

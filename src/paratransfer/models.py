@@ -19,9 +19,10 @@ def _first_line(e: Exception) -> str:
 
 
 def looks_like_path(name: str) -> bool:
-    """Whether a model name can only be a local path (a hub id is `name` or `org/name`)."""
+    """Whether a model name can only be a local path (a hub id is `name` or `org/name`; a name
+    ending in `.gguf` is a file)."""
     return (name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/")
-            or name.count("/") > 1)
+            or name.count("/") > 1 or name.lower().endswith(".gguf"))
 
 
 def check_source(name_or_path: str) -> None:

@@ -151,8 +151,8 @@ def setup(student_id: str, data_path: str | Path, out: Path, settings: TrainSett
     """Read and check every input, build the LoRA model of the chosen arm and the optimizer."""
     from paratransfer.arch import arch_for
     from paratransfer.data import file_digest
-    from paratransfer.inject import check_adapter_shapes, read_adapter
     from paratransfer.gguf_models import gguf_provenance
+    from paratransfer.inject import check_adapter_shapes, read_adapter
     from paratransfer.models import load_model, load_tokenizer, model_label
 
     if INITS[settings.init].needs_adapter and adapter_dir is None:
