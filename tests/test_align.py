@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from unittest import mock
 
 import pytest
@@ -12,9 +13,11 @@ from hypothesis import strategies as st
 from paratransfer.extract import strategies as align
 from paratransfer.extract.strategies import (
     LAYER_SELECTORS,
+    MAPS_SHALLOWER_TEACHER,
     REDUCERS,
     Selection,
     best_window,
+    layer_rule,
     reduce,
     select_layers,
     window_sums,
@@ -281,7 +284,7 @@ def test_unknown_reducer_names_the_known_ones():
 
 
 def test_layer_selector_registry_names():
-    assert set(LAYER_SELECTORS) == {"sensitivity", "first", "last", "uniform", "random"}
+    assert set(LAYER_SELECTORS) == {"sensitivity", "first", "last", "uniform", "random", "depth"}
 
 
 def test_sensitivity_keeps_top_layers_in_original_order():
@@ -346,10 +349,45 @@ def test_random_layers_depend_on_seed():
     assert len({tuple(select_layers("random", scores, 5, seed=s)) for s in range(5)}) > 1
 
 
-@pytest.mark.parametrize("strategy", sorted(LAYER_SELECTORS))
+@pytest.mark.parametrize("strategy", sorted(set(LAYER_SELECTORS) - set(MAPS_SHALLOWER_TEACHER)))
 def test_teacher_with_fewer_layers_than_student_is_a_user_error(strategy):
-    with pytest.raises(UserError, match="fewer layers"):
+    """first / last / random pick distinct layers: a shallower teacher has too few."""
+    with pytest.raises(UserError, match="fewer layers.*--layers depth"):
         select_layers(strategy, [1.0] * 3, 4)
+
+
+def _nearest_depth(n: int, k: int) -> list[int]:
+    """Brute force: for each student layer, the teacher layer whose relative depth t/(n-1) is
+    nearest to i/(k-1) (exact halves go up), by comparing every teacher layer."""
+    if k == 1:
+        return [(n - 1) // 2]
+    out = []
+    for i in range(k):
+        target = Fraction(i, k - 1)
+        out.append(min(range(n), key=lambda t: (abs(Fraction(t, max(n - 1, 1)) - target), -t)))
+    return out
+
+
+@pytest.mark.parametrize("strategy", MAPS_SHALLOWER_TEACHER)
+@given(n=st.integers(1, 40), extra=st.integers(1, 40), seed=st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_shallower_teacher_maps_by_relative_depth(strategy, n, extra, seed):
+    k = n + extra  # more student layers than teacher layers
+    scores = [float(x) for x in torch.rand(n, generator=torch.Generator().manual_seed(seed))]
+    got = select_layers(strategy, scores, k)
+    assert layer_rule(strategy, n, k) == "depth"
+    assert got == _nearest_depth(n, k)
+    assert len(got) == k and got == sorted(got)  # the teacher's order
+    assert set(got) == set(range(n))  # every teacher layer feeds some student layer
+    assert got[0] == (0 if k > 1 else (n - 1) // 2) and (k == 1 or got[-1] == n - 1)
+
+
+def test_depth_with_a_deeper_teacher_is_uniform():
+    scores = [float(i % 5) for i in range(18)]
+    for k in (1, 5, 12, 18):
+        assert select_layers("depth", scores, k) == select_layers("uniform", scores, k)
+    assert layer_rule("sensitivity", 18, 12) == "sensitivity"
+    assert select_layers("depth", [1.0] * 18, 30)[:4] == [0, 1, 1, 2]
 
 
 @pytest.mark.parametrize("strategy", sorted(LAYER_SELECTORS))

@@ -9,7 +9,8 @@ from paratransfer.arch import ROLES, arch_for, parse_roles, supported_model_type
 from paratransfer.demo.tiny import tiny_model
 from paratransfer.io.errors import UserError
 
-FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2",
+            "gemma3_text"]
 FUSED = [("gpt2", "attn.c_attn"), ("gpt_neox", "attention.query_key_value"),
          ("phi3", "self_attn.qkv_proj"), ("phi3", "mlp.gate_up_proj")]
 

@@ -27,7 +27,9 @@ def _load_raw_tokenizer(name_or_path: str):
     from paratransfer.teacher.models import load_tokenizer
 
     load_tokenizer(name_or_path)  # one-line errors for a missing folder or tokenizer
-    return AutoTokenizer.from_pretrained(str(name_or_path))
+    from paratransfer.teacher.gguf import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(str(name_or_path)))
 
 
 def _adapter_touches_shared_weight(student, adapter) -> bool:
@@ -67,7 +69,10 @@ def merged_model(student_id: str, adapter_dir: str | Path, dtype: torch.dtype | 
     model = model.to(out_dtype)
     model.config.dtype = out_dtype
     model.eval()
-    info = {"student": model_label(student_id), "adapter": str(Path(adapter_dir).resolve()),
+    from paratransfer.teacher.gguf import gguf_provenance
+
+    info = {"student": model_label(student_id), **gguf_provenance("student", student_id),
+            "adapter": str(Path(adapter_dir).resolve()),
             "rank": adapter.rank, "alpha": adapter.alpha, "dtype": str(out_dtype).removeprefix("torch."),
             "untied_head": untied, "runtime": runtime()}
     return model, info

@@ -124,3 +124,20 @@ PHI3 = register(
         fused={"self_attn.qkv_proj": FusedLayout(sizes=phi3_qkv_sizes)},  # gate_up: equal halves
     )
 )
+
+
+#: Gemma, Gemma 2 and Gemma 3 (text): Llama's module layout. Their embedding is scaled by
+#: √hidden in its forward (`Gemma*TextScaledWordEmbedding` in transformers 5); PEFT applies that
+#: scale to the LoRA embedding path too, so base − s·B·A + s·B·A stays the base. The head is
+#: tied by default (the untie-first rule of `inject.untie_head` carries them). Extra norms
+#: (Gemma 3's q/k norms, Gemma 2's post-norms) are not LoRA targets.
+GEMMA = register(
+    ArchSpec(
+        family="gemma",
+        model_types=("gemma", "gemma2", "gemma3_text"),
+        layers="model.layers",
+        embed=ModuleSpec("model.embed_tokens", ("embed",), embedding=True, in_layer=False),
+        head=ModuleSpec("lm_head", ("head",), in_layer=False),
+        layer_modules=LLAMA.layer_modules,
+    )
+)

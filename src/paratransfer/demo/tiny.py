@@ -160,6 +160,47 @@ def _phi3_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int
     )
 
 
+def _gemma_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int):
+    from transformers import GemmaConfig
+
+    # Gemma's default head_dim (256) is far wider than a tiny model; tied head, as released.
+    return GemmaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=1, bos_token_id=2,
+        eos_token_id=3,
+    )
+
+
+def _gemma2_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int):
+    from transformers import Gemma2Config
+
+    # Alternating sliding/full attention and both soft-caps, as the released models have them.
+    return Gemma2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        query_pre_attn_scalar=hidden // heads, sliding_window=16, max_position_embeddings=2048,
+        tie_word_embeddings=True, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+    )
+
+
+def _gemma3_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                        mlp: int):
+    from transformers import Gemma3TextConfig
+
+    # Gemma 3 270M's shape in miniature: q/k norms, scaled embedding, sliding windows with
+    # every other layer full attention, tied head.
+    return Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        query_pre_attn_scalar=hidden // heads, sliding_window=16,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                     for i in range(layers)],
+        max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=1, bos_token_id=2,
+        eos_token_id=3,
+    )
+
+
 CONFIG_BUILDERS = {
     "llama": _llama_config,
     "qwen2": _qwen2_config,
@@ -167,6 +208,9 @@ CONFIG_BUILDERS = {
     "gpt2": _gpt2_config,
     "gpt_neox": _gpt_neox_config,
     "phi3": _phi3_config,
+    "gemma": _gemma_config,
+    "gemma2": _gemma2_config,
+    "gemma3_text": _gemma3_text_config,
 }
 
 
@@ -181,8 +225,12 @@ def tiny_model(
     mlp: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool | None = None,
 ):
-    """A randomly initialised causal LM of the given family, deterministic for a seed."""
+    """A randomly initialised causal LM of the given family, deterministic for a seed.
+
+    `tie_word_embeddings` overrides the family's default (tied: GPT-2, the Gemma families).
+    """
     from transformers import AutoModelForCausalLM
 
     if family not in CONFIG_BUILDERS:
@@ -190,6 +238,8 @@ def tiny_model(
     config = CONFIG_BUILDERS[family](
         vocab, hidden, layers, heads, kv_heads or heads, mlp or 2 * hidden
     )
+    if tie_word_embeddings is not None:
+        config.tie_word_embeddings = tie_word_embeddings
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()

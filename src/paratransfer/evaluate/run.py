@@ -21,6 +21,7 @@ from paratransfer import __version__
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
 from paratransfer.evaluate.settings import EvalSettings
 from paratransfer.io.errors import UserError
+from paratransfer.teacher.gguf import gguf_provenance
 from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
 from paratransfer.io.readers import json_line
 from paratransfer.io.threads import runtime
@@ -156,7 +157,9 @@ def context_length(model_id: str, tokenizer) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(model_id))
+        from paratransfer.teacher.gguf import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(str(model_id)))
     except (OSError, ValueError, KeyError):
         config = None  # loading the model reports what is wrong
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -457,6 +460,8 @@ def run_evaluate(model_id: str, data_path: str | Path, out: str | Path, settings
         **({"shots_trimmed": sum(k < settings.shots for k in shots_used)} if settings.shots else {}),
         **({"overlong": fitted.record()} if fitted.record() else {}),
         "model": model_label(model_id),
+        **gguf_provenance("model", model_id),
+        **gguf_provenance("judge", judge),
         "adapter": model_label(str(adapter)) if adapter is not None else None,
         "data": str(Path(data_path).resolve()),
         "data_sha256": data.file_digest(data_path),

@@ -20,8 +20,10 @@ def _model(name: str, where: str):
     from transformers import AutoConfig
 
     from paratransfer.arch import arch_for
+    from paratransfer.teacher.gguf import resolve_model
     from paratransfer.teacher.models import check_source, load_tokenizer
 
+    name = resolve_model(name)  # a .gguf file: its converted folder
     check_source(name)
     try:
         config = AutoConfig.from_pretrained(str(name))

@@ -179,7 +179,9 @@ def _config(model_id: str):
     """The model's config (for where its roles live), without loading weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_id)
+    from paratransfer.teacher.gguf import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(model_id))
 
 
 def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: dict[str, Path],

@@ -47,6 +47,7 @@ class Extraction:
     skipped: list[dict] = field(default_factory=list)
     padded: list[dict] = field(default_factory=list)
     vocab: dict | None = None  # the vocabulary alignment's report, when embed/head were extracted
+    layer_rule: str = "sensitivity"  # the rule that mapped teacher layers (`align.layer_rule`)
 
 
 def _module_seed(seed: int, index: int) -> int:
@@ -258,7 +259,8 @@ def extract(
     scores = layer_scores(sensitivity, t_arch.layer_of, n_teacher)
     selected = align.select_layers(settings.layers, scores, n_student, seed=settings.seed)
     result = Extraction(factors=[], selected_layers=selected, layer_scores=scores,
-                        skipped=skipped, vocab=vocab.report() if vocab is not None else None)
+                        skipped=skipped, vocab=vocab.report() if vocab is not None else None,
+                        layer_rule=align.layer_rule(settings.layers, n_teacher, n_student))
     t_roles = t_arch.roles()
     heads = None
     if align.REDUCERS[settings.reduce].head_aware:

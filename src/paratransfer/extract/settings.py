@@ -21,7 +21,8 @@ class ExtractSettings:
 
     rank: int = setting(16, "LoRA rank r (default {default})", recipe=True)
     alpha: float = setting(16.0, "LoRA alpha (default 16; scale alpha/r)", recipe=True)
-    layers: str = setting("sensitivity", "sensitivity|first|last|uniform|random", recipe=True)
+    layers: str = setting("sensitivity", "sensitivity|first|last|uniform|random|depth (a teacher "
+                          "shallower than the student is mapped by relative depth)", recipe=True)
     reduce: str = setting("window", "window|window-heads|rows-cols|first|random (window-heads: "
                           "q/k/v/o blocks start and end on attention-head boundaries)",
                           recipe=True)

@@ -20,6 +20,7 @@ from paratransfer.sensitivity.step import (
     check_sensitivity_matches,
     sensitivity_of,
 )
+from paratransfer.teacher.gguf import gguf_provenance
 from paratransfer.teacher.models import fingerprint, load_model, load_tokenizer, model_label
 
 
@@ -95,10 +96,13 @@ def run_extract(teacher_id: str, student_id: str, out: str | Path, settings,
         "runtime": runtime(),
         "teacher": model_label(teacher_id),
         "student": model_label(student_id),
+        **gguf_provenance("teacher", teacher_id),
+        **gguf_provenance("student", student_id),
         "rank": settings.rank,
         "alpha": settings.alpha,
         "settings": settings.as_dict(),
         "selected_layers": result.selected_layers,
+        "layer_rule": result.layer_rule,
         "layer_scores": result.layer_scores,
         "sensitivity": {"file": str(sensitivity_path) if sensitivity_path else None,
                         **{k: v for k, v in sens_meta.items() if k != "paratransfer_sensitivity"}},

@@ -309,6 +309,14 @@ def _layers_random(scores: Sequence[float], k: int, generator: torch.Generator) 
     return sorted(torch.randperm(len(scores), generator=generator)[:k].tolist())
 
 
+def _layers_depth(scores: Sequence[float], k: int, generator: torch.Generator) -> list[int]:
+    """Each student layer i takes the teacher layer at the same relative depth,
+    round(i·(n−1)/(k−1)) (k=1: the middle one). With a shallower teacher every teacher layer is
+    used and some feed two (or more) consecutive student layers, in the teacher's order; with
+    a deeper one it is `uniform`."""
+    return _layers_uniform(scores, k, generator)
+
+
 LayerSelector = Callable[[Sequence[float], int, torch.Generator], list[int]]
 
 LAYER_SELECTORS: dict[str, LayerSelector] = {
@@ -317,19 +325,43 @@ LAYER_SELECTORS: dict[str, LayerSelector] = {
     "last": _layers_last,
     "uniform": _layers_uniform,
     "random": _layers_random,
+    "depth": _layers_depth,
 }
+
+#: Strategies that, given a teacher shallower than the student, map by relative depth
+#: (`depth`): with fewer teacher layers than student layers there is nothing to select, every
+#: teacher layer is used. The others pick k distinct layers and refuse such a teacher.
+MAPS_SHALLOWER_TEACHER = ("sensitivity", "uniform", "depth")
+
+
+def layer_rule(strategy: str, n_teacher: int, k: int) -> str:
+    """The rule that maps teacher layers to the student's k layers: `strategy` itself, or
+    `depth` when the teacher has fewer layers than the student (see `select_layers`)."""
+    if k > n_teacher and strategy in MAPS_SHALLOWER_TEACHER:
+        return "depth"
+    return strategy
 
 
 def select_layers(strategy: str, scores: Sequence[float], k: int, seed: int = 0) -> list[int]:
-    """Indices of the k teacher layers that feed the student's k layers, in order."""
-    selector = _lookup(LAYER_SELECTORS, "layer selection", strategy)
+    """Indices of the k teacher layers that feed the student's k layers, in order.
+
+    A teacher with fewer layers than the student is mapped by relative depth (`depth`: teacher
+    layers repeat, in order) under `sensitivity`, `uniform` and `depth`; `first`, `last` and
+    `random`, which pick distinct layers, refuse it.
+    """
+    _lookup(LAYER_SELECTORS, "layer selection", strategy)
     scores = [float(s) for s in scores]
     if k < 1:
         raise UserError(f"the student needs at least one layer, got {k}")
-    if k > len(scores):
+    if not scores:
+        raise UserError("the teacher has no decoder layers")
+    if k > len(scores) and strategy not in MAPS_SHALLOWER_TEACHER:
         raise UserError(
-            f"teacher has fewer layers ({len(scores)}) than the student ({k}): cannot select"
+            f"teacher has fewer layers ({len(scores)}) than the student ({k}): --layers "
+            f"{strategy} cannot select {k} distinct layers (use --layers depth: each student "
+            "layer takes the teacher layer at the same relative depth)"
         )
+    selector = LAYER_SELECTORS[layer_rule(strategy, len(scores), k)]
     if any(math.isnan(s) for s in scores):
         raise UserError("layer sensitivity scores contain NaN: cannot rank teacher layers")
     return selector(scores, k, _generator(seed))

@@ -18,6 +18,11 @@ LIBRARY_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
     # PEFT's advice for EVA on models too large to hold twice; `--init eva` holds one.
     (r"lora with eva initialization used with low_cpu_mem_usage=False", UserWarning, r"peft\."),
+    # PEFT warns when a tied model's embedding is targeted without `ensure_weight_tying`; here a
+    # tied head never gets LoRA and is untied before the embedding's base weight changes
+    # (inject.untie_head), which is the complication the warning is about.
+    (r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
+     UserWarning, r"peft\."),
 )
 
 

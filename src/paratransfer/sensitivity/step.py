@@ -16,6 +16,7 @@ from paratransfer.io.errors import UserError
 from paratransfer.io.outputs import atomic_file, check_output_path
 from paratransfer.io.threads import runtime
 from paratransfer.sensitivity.settings import SensitivitySettings
+from paratransfer.teacher.gguf import gguf_provenance
 from paratransfer.teacher.models import fingerprint, load_model, load_tokenizer, model_label
 
 
@@ -47,6 +48,7 @@ def _sensitivity_metadata(teacher_id: str, teacher, seeds: str | Path,
                f"left after truncation to --max-length {settings.max_length}")
     return {
         "teacher": model_label(teacher_id),
+        **gguf_provenance("teacher", teacher_id),
         "teacher_fingerprint": fingerprint(teacher),
         "seeds": str(Path(seeds).resolve()),
         "seeds_sha256": data.file_digest(seeds),

@@ -288,7 +288,11 @@ def run_stability(teacher_id: str, student_id: str, seeds: str | Path, out: str 
                                                              extract_settings)
     vocab = vocabulary_for(teacher.config, student, extract_settings, teacher_tokenizer,
                            student_tokenizer)
+    from paratransfer.teacher.gguf import gguf_provenance
+
     provenance = {"teacher": model_label(teacher_id), "student": model_label(student_id),
+                  **gguf_provenance("teacher", teacher_id),
+                  **gguf_provenance("student", student_id),
                   "seeds": str(Path(seeds).resolve()), "seeds_sha256": data.file_digest(seeds)}
     meta = {"teacher": provenance["teacher"], "teacher_fingerprint": fingerprint(teacher),
             "prompt_format": sens_settings.prompt_format, "max_length": sens_settings.max_length}

@@ -34,8 +34,13 @@ INDEX_FILE = "model.safetensors.index.json"
 def local_folder(name_or_path: str | Path) -> Path | None:
     """The local folder holding a model: the path itself, or the hub cache's snapshot (offline).
 
-    None when the model is neither a folder nor already in the local hub cache.
+    None when the model is neither a folder nor already in the local hub cache. A `.gguf`
+    file is its converted folder (`teacher/gguf.py`).
     """
+    from paratransfer.teacher.gguf import converted_folder, is_gguf
+
+    if is_gguf(name_or_path):
+        return converted_folder(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         return path

@@ -19,16 +19,19 @@ def _first_line(e: Exception) -> str:
 
 
 def looks_like_path(name: str) -> bool:
-    """Whether a model name can only be a local path (a hub id is `name` or `org/name`)."""
+    """Whether a model name can only be a local path (a hub id is `name` or `org/name`; a name
+    ending in `.gguf` is a file)."""
     return (name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/")
-            or name.count("/") > 1)
+            or name.count("/") > 1 or name.lower().endswith(".gguf"))
 
 
 def check_source(name_or_path: str) -> None:
     """A missing local path is a one-line "no such folder", not a failed hub download; a
     local folder's config and safetensors files must be whole (`readers.check_model_folder`)."""
+    from paratransfer.teacher.gguf import resolve_model
     from paratransfer.io.readers import check_model_folder
 
+    name_or_path = resolve_model(name_or_path)  # a .gguf file: its converted folder
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -56,6 +59,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from paratransfer.teacher.gguf import resolve_model
+
+    name_or_path = resolve_model(str(name_or_path))
     check_source(str(name_or_path))
     kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
@@ -99,6 +105,9 @@ def load_tokenizer(name_or_path: str):
     """The model's tokenizer, with a pad token (EOS when the tokenizer defines none)."""
     from transformers import AutoTokenizer
 
+    from paratransfer.teacher.gguf import resolve_model
+
+    name_or_path = resolve_model(str(name_or_path))
     folder = Path(name_or_path).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{name_or_path}: no tokenizer in this folder (expected one of "

