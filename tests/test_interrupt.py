@@ -1,5 +1,6 @@
 """kill -9 at three points of `train` and of `run`: a finished output is never lost, the run
-resumed after each kill ends with the same bytes as an uninterrupted one (timing apart), and
+resumed after each kill ends with the same bytes as an uninterrupted one (timing and the
+process's runtime apart: the threads each process ran with are provenance, not results), and
 nothing is left behind (no partial folder, no lock, no replacement in waiting)."""
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ SETTINGS = dict(lr=1e-2, batch_size=2, micro_batch_size=2, max_length=160, max_s
 
 
 def contents(folder: Path) -> dict[str, object]:
-    """Every file under `folder`: JSON without its `timing` block, other files as bytes."""
+    """Every file under `folder`: JSON without its `timing` and `runtime` blocks (how long, and
+    with which threads, each process ran), other files as bytes."""
     out: dict[str, object] = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file():
@@ -35,6 +37,7 @@ def contents(folder: Path) -> dict[str, object]:
                 data = json.loads(p.read_text())
                 if isinstance(data, dict):
                     data.pop("timing", None)
+                    data.pop("runtime", None)
                 out[key] = data
             else:
                 out[key] = p.read_bytes()
