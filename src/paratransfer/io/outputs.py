@@ -125,15 +125,21 @@ def check_writable(out: str | Path) -> None:
     """Refuse an output that cannot be written, before any work: the nearest existing folder on
     its way must be a folder in which a file can be created."""
     out = absolute(out)
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{out}: cannot be created, {parent} is a file (expected a folder)")
+    _check_nearest_folder(str(out), out.parent)
+
+
+def _check_nearest_folder(label: str, path: Path) -> None:
+    """The nearest existing folder on the way to `path` is a folder a file can be created in
+    (else a one-line error starting with `label`)."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{label}: cannot be created, {probe} is a file (expected a folder)")
     try:
-        fd, name = tempfile.mkstemp(prefix=".paratransfer-write-test-", dir=parent)
+        fd, name = tempfile.mkstemp(prefix=".paratransfer-write-test-", dir=probe)
     except OSError as e:
-        raise UserError(f"{out}: cannot write in {parent} ({e.strerror or e})") from None
+        raise UserError(f"{label}: cannot write in {probe} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(name)
 
@@ -163,17 +169,7 @@ def check_work_folder(folder: str | Path, flag: str) -> Path:
     folder = absolute(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder}: is a file (expected a folder)")
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{flag} {folder}: cannot be created, {probe} is a file (expected a folder)")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".paratransfer-write-test-", dir=probe)
-    except OSError as e:
-        raise UserError(f"{flag} {folder}: cannot write in {probe} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(name)
+    _check_nearest_folder(f"{flag} {folder}", folder)
     return folder
 
 
