@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from paratransfer import inject
-from paratransfer.tasks.examples import IGNORE_INDEX, load_tokenized
 from paratransfer.demo import arithmetic_records, one_step, write_jsonl
+from paratransfer.tasks.examples import IGNORE_INDEX, load_tokenized
 from paratransfer.teacher.models import load_model, load_tokenizer
 from paratransfer.train import (
     TrainSettings,

@@ -10,18 +10,18 @@ import json
 
 import pytest
 import torch
+from paratransfer.pipeline import run_extract
 from safetensors.torch import load_file
 
 from paratransfer import data, inject
 from paratransfer.arch import arch_for
 from paratransfer.demo import arithmetic_records, write_jsonl
+from paratransfer.demo.tiny import char_tokenizer, save_tiny, tiny_model
 from paratransfer.extract import ExtractSettings
-from paratransfer.teacher.lazy import SafetensorsWeights
-from paratransfer.teacher.models import load_model, load_tokenizer
-from paratransfer.pipeline import run_extract
 from paratransfer.sensitivity import accumulate_sensitivity
 from paratransfer.sensitivity.streamed import streamed_sensitivity
-from paratransfer.demo.tiny import char_tokenizer, save_tiny, tiny_model
+from paratransfer.teacher.lazy import SafetensorsWeights
+from paratransfer.teacher.models import load_model, load_tokenizer
 from paratransfer.train import (
     TrainSettings,
     build_lora_model,

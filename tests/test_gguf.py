@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from paratransfer.teacher import gguf as gguf_models
-from paratransfer.io.errors import UserError
 from paratransfer.demo.tiny import char_tokenizer, save_tiny, tiny_model
+from paratransfer.io.errors import UserError
+from paratransfer.teacher import gguf as gguf_models
 
 
 @pytest.fixture
@@ -107,7 +107,9 @@ def _convert_in_process(args: tuple[str, str]) -> str:
 def test_two_processes_convert_once(cache, tmp_path):
     f = tmp_path / "shared.gguf"
     f.write_bytes(b"GGUF shared")
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a child forked from a process whose torch/OpenMP threads hold a lock can
+    # wait on it forever (seen once here after in-process CLI calls earlier in the session).
+    ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
         folders = pool.map(_convert_in_process, [(str(f), str(cache))] * 2)
     assert len(set(folders)) == 1 and _conversions(cache) == ["shared.gguf"]

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from paratransfer.pipeline import SensitivitySettings, run_extract, run_sensitivity
 
 from conftest import SHARED_DATA
 from paratransfer import data, inject
 from paratransfer.demo import arithmetic_records, write_jsonl
 from paratransfer.extract import ExtractSettings
-from paratransfer.teacher.models import fingerprint, load_model, load_tokenizer
-from paratransfer.pipeline import SensitivitySettings, run_extract, run_sensitivity
 from paratransfer.sensitivity import SensitivityFile
+from paratransfer.teacher.models import fingerprint, load_model, load_tokenizer
 from paratransfer.train import TrainSettings, run_train
 from real_models import GEMMA3_270M, SMOLLM2_135M, real_model_folder
 from tolerances import logits

@@ -17,8 +17,8 @@ from paratransfer.cli.options import Parser, add_common, add_extraction, add_see
 from paratransfer.extract.settings import ExtractSettings
 from paratransfer.io.console import quiet_libraries
 from paratransfer.io.errors import UserError
-from paratransfer.io.signals import Terminated, terminate_like_interrupt
 from paratransfer.io.settings import add_setting_flags, from_args
+from paratransfer.io.signals import Terminated, terminate_like_interrupt
 from paratransfer.io.threads import apply_threads, choose_threads, prefer_passive_waiting
 
 

@@ -321,9 +321,9 @@ def run_demo(out: str | Path | None = None, cache: Path | None = None,
     `seeds` / `arms` (comma-separated names): a study on the same world and budget with seeds
     1..N and those arms (demo/study.py), into out/demo-study. `spec` and `changes` (recipe
     settings) make smaller worlds and budgets, for tests."""
-    from paratransfer.experiment.runner import run_experiment, summary_line
     from paratransfer.experiment.recipe import load_recipe
     from paratransfer.experiment.results import to_markdown
+    from paratransfer.experiment.runner import run_experiment, summary_line
 
     base = DISTILL_RECIPE if distill else DEMO_RECIPE
     if seeds is not None or arms is not None:

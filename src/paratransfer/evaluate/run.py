@@ -19,18 +19,20 @@ import torch
 
 from paratransfer import __version__
 from paratransfer.evaluate import BadExample, Item, ShotPool, Task, get_task, mean
-from paratransfer.evaluate.settings import EvalSettings
+
+#: What to do with a record whose prompt does not fit the context even without worked
+#: examples: stop (the default), leave it out (listed in metrics.json), or cut its instruction.
+from paratransfer.evaluate.settings import (
+    OVERLONG,  # noqa: E402,F401  (re-exported)
+    EvalSettings,
+)
 from paratransfer.io.errors import UserError
-from paratransfer.teacher.gguf import gguf_provenance
 from paratransfer.io.outputs import atomic_dir, check_output_path, write_json
 from paratransfer.io.readers import json_line
 from paratransfer.io.threads import runtime
 from paratransfer.tasks import examples as data
+from paratransfer.teacher.gguf import gguf_provenance
 from paratransfer.teacher.models import load_model, load_tokenizer, model_label
-
-#: What to do with a record whose prompt does not fit the context even without worked
-#: examples: stop (the default), leave it out (listed in metrics.json), or cut its instruction.
-from paratransfer.evaluate.settings import OVERLONG  # noqa: E402,F401  (re-exported)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"

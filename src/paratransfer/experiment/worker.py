@@ -25,7 +25,6 @@ def main(argv: list[str]) -> int:
         from paratransfer.experiment.runner import Runner
         from paratransfer.io.console import quiet_libraries
         from paratransfer.io.errors import UserError
-
         from paratransfer.io.threads import (
             ThreadChoice,
             affinity_cpus,

@@ -26,8 +26,8 @@ def write_outputs(out: Path, overwrite: bool, student: torch.nn.Module, student_
 
     from paratransfer import __version__
     from paratransfer.adapter import write_adapter
-    from paratransfer.tasks.examples import file_digest
     from paratransfer.io.outputs import atomic_dir, output_lock, write_json
+    from paratransfer.tasks.examples import file_digest
 
     report["seeds_sha256"] = file_digest(seeds)
     report["data_sha256"] = file_digest(data) if data is not None else None

@@ -129,9 +129,9 @@ def run_laten(teacher_id: str, student_id: str, seeds: str | Path, out: str | Pa
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
               overwrite: bool = False, progress: bool = True) -> dict:
     """Write the adapter, `translator.safetensors` and `laten.json` to `out`; returns the report."""
+    from paratransfer.io.outputs import check_output_path
     from paratransfer.tasks.examples import read_examples
     from paratransfer.teacher.models import fingerprint, load_model, load_tokenizer, model_label
-    from paratransfer.io.outputs import check_output_path
 
     # setup: the examples, which of them locate, and the student's shapes (no weights yet)
     out = check_output_path(out, overwrite, [teacher_id, student_id, seeds, data])

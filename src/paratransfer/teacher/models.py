@@ -28,8 +28,8 @@ def looks_like_path(name: str) -> bool:
 def check_source(name_or_path: str) -> None:
     """A missing local path is a one-line "no such folder", not a failed hub download; a
     local folder's config and safetensors files must be whole (`readers.check_model_folder`)."""
-    from paratransfer.teacher.gguf import resolve_model
     from paratransfer.io.readers import check_model_folder
+    from paratransfer.teacher.gguf import resolve_model
 
     name_or_path = resolve_model(name_or_path)  # a .gguf file: its converted folder
     path = Path(name_or_path).expanduser()
