@@ -37,11 +37,20 @@ def contents(folder: Path) -> dict[str, object]:
                 data = json.loads(p.read_text())
                 if isinstance(data, dict):
                     data.pop("timing", None)
-                    data.pop("runtime", None)
-                out[key] = data
+                out[key] = _without_runtime(data)
             else:
                 out[key] = p.read_bytes()
     return out
+
+
+def _without_runtime(data: object) -> object:
+    """`data` with every `runtime` entry removed, wherever it is nested (a checkpoint's state
+    keeps train.json's metadata under `meta`)."""
+    if isinstance(data, dict):
+        return {k: _without_runtime(v) for k, v in data.items() if k != "runtime"}
+    if isinstance(data, list):
+        return [_without_runtime(v) for v in data]
+    return data
 
 
 def leftovers(root: Path) -> list[Path]:
@@ -76,6 +85,18 @@ def kill_when(ready: Callable[[], bool], delay: float, work: Callable[..., objec
 
 def exists(pattern_root: Path, pattern: str) -> Callable[[], bool]:
     return lambda: any(pattern_root.glob(pattern))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every part of a run on one thread, as the killed children are: bytes are compared, and
+    another thread count may add floats in another order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
