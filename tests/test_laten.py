@@ -27,6 +27,24 @@ FUSED = {"phi3": (dict(hidden=48, layers=4, heads=6, kv_heads=2, mlp=96),
                   dict(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64)),
          "gpt_neox": (dict(hidden=48, layers=4, heads=6, mlp=96),
                       dict(hidden=32, layers=2, heads=4, mlp=64))}
+#: Gemma 1 (pre-norm, as Llama) and Gemma 2 / 3 (post-norms on the attention and MLP outputs;
+#: Gemma 2 soft-caps its logits), built here with random norm gains so the gains matter.
+GEMMAS = {name: (dict(hidden=48, layers=4, heads=6, kv_heads=2, mlp=96),
+                 dict(hidden=32, layers=2, heads=4, kv_heads=2, mlp=64))
+          for name in ("gemma", "gemma2", "gemma3_text")}
+
+
+SHALLOW = "gemma3_text-to-deeper-llama"
+
+
+def _random_norm_gains(model, seed):
+    """Every norm weight of a tiny model drawn at random (they start at their neutral value)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +59,18 @@ def pairs(model_pairs, tokenizer, tmp_path_factory):
                                  tokenizer, root / f"{family}-teacher"),
                        save_tiny(tiny_model(family, vocab=len(tokenizer), seed=40 + i, **s_kw),
                                  tokenizer, root / f"{family}-student"))
+    for i, (family, (t_kw, s_kw)) in enumerate(GEMMAS.items()):
+        teacher = _random_norm_gains(tiny_model(family, vocab=len(tokenizer), seed=50 + i, **t_kw),
+                                     60 + i)
+        student = _random_norm_gains(tiny_model(family, vocab=len(tokenizer), seed=70 + i, **s_kw),
+                                     80 + i)
+        out[family] = (save_tiny(teacher, tokenizer, root / f"{family}-teacher"),
+                       save_tiny(student, tokenizer, root / f"{family}-student"))
+    # the real pair's situation in miniature: a post-norm Gemma 3 teacher shallower than a
+    # Llama student (4 layers into 6)
+    deep = tiny_model("llama", vocab=len(tokenizer), seed=90, hidden=32, layers=6, heads=4,
+                      kv_heads=2, mlp=64)
+    out[SHALLOW] = (out["gemma3_text"][0], save_tiny(deep, tokenizer, root / "llama-6-student"))
     return out
 
 
@@ -55,7 +85,11 @@ def _sample(path, tokenizer, index=0):
 def _oracle_scores(model, sample, eos_id):
     """Layer and neuron scores the slow way: per neuron, its contribution computed by calling
     the module on an input with only that neuron's value kept, pushed through the model's own
-    final norm and head one vector at a time."""
+    final norm and head one vector at a time.
+
+    With post-norms (Gemma 2/3) the layer adds the norms' outputs, and a neuron's part goes
+    through Gemma's RMS norm written out here, `v · (1 + w) / √(mean(o²) + ε)`, at the scale
+    of the module's whole output o."""
     spec = arch_for(model)
     ids, labels = sample["input_ids"], sample["labels"]
     answer = [t for t, lab in enumerate(labels) if lab != -100 and ids[t] != eos_id]
@@ -71,10 +105,23 @@ def _oracle_scores(model, sample, eos_id):
     for h in hooks:
         h.remove()
     norm, head = model.get_submodule(spec.final_norm), model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    post = spec.post_norms(model.config)
 
     def logp(v):
         with torch.no_grad():
-            return float(torch.log_softmax(head(norm(v[None, None]))[0, 0].double(), -1)[target])
+            logits = head(norm(v[None, None]))[0, 0].double()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return float(torch.log_softmax(logits, -1)[target])
+
+    def through(layer, n, whole):
+        """What the layer adds for a module output `whole`, and the map of a part of it."""
+        if not post:
+            return whole, lambda part: part
+        p = layer.get_submodule(post[n])
+        scale = torch.rsqrt(whole.double().square().mean() + p.eps)
+        return p(whole[None])[0], lambda part: (part.double() * (1 + p.weight.double()) * scale).float()
 
     scores = {"attn": [], "ffn": [], "o": [], "down": []}
     for i, layer in enumerate(layers):
@@ -82,12 +129,12 @@ def _oracle_scores(model, sample, eos_id):
         o_mod = layer.get_submodule(spec.module_for("o").path)
         d_mod = layer.get_submodule(spec.module_for("down").path)
         with torch.no_grad():
-            o_out = o_mod(inputs["o", i][None])[0]
+            o_out, o_map = through(layer, 0, o_mod(inputs["o", i][None])[0])
             r = h + o_out
-            f_out = d_mod(inputs["down", i][None])[0]
+            f_out, f_map = through(layer, 1, d_mod(inputs["down", i][None])[0])
         scores["attn"].append(logp(r) - logp(h))
         scores["ffn"].append(logp(r + f_out) - logp(r))
-        for role, module, base in (("o", o_mod, h), ("down", d_mod, r)):
+        for role, module, base, to_stream in (("o", o_mod, h, o_map), ("down", d_mod, r, f_map)):
             x = inputs[role, i]
             row = []
             for c in range(x.shape[0]):
@@ -95,7 +142,7 @@ def _oracle_scores(model, sample, eos_id):
                 only[c] = x[c]
                 with torch.no_grad():
                     part = module(only[None])[0] - module(torch.zeros_like(x)[None])[0]
-                row.append(logp(base + part) - logp(base))
+                row.append(logp(base + to_stream(part)) - logp(base))
             scores[role].append(row)
     heads = spec.heads(model.config)
     group = heads.heads // heads.kv_heads
@@ -111,7 +158,7 @@ def _top(values, k):
     return order[:k]
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "phi3"])
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "phi3", *GEMMAS])
 def test_located_neurons_are_the_top_share_by_brute_force_attribution(family, pairs,
                                                                        seeds_file, tokenizer):
     teacher_dir, student_dir = pairs[family]
@@ -199,11 +246,14 @@ def test_the_translator_trains_on_a_fixed_batch(model_pairs, seeds_file, tokeniz
 # --------------------------------------------------------------------------- the command
 
 
+RUNS = (*FAMILIES, *FUSED, "gemma3_text", SHALLOW)
+
+
 @pytest.fixture(scope="module")
 def laten_runs(pairs, seeds_file, tmp_path_factory):
     """family -> output folder of a short run (lr large enough that the injection is visible)."""
     out = {}
-    for family in (*FAMILIES, *FUSED):
+    for family in RUNS:
         folder = tmp_path_factory.mktemp(f"laten-{family}") / "out"
         run_laten(str(pairs[family][0]), str(pairs[family][1]), seeds_file, folder,
                   LatenSettings(steps=3, batch=4, lr=5e-2, seed=7), progress=False)
@@ -211,7 +261,7 @@ def laten_runs(pairs, seeds_file, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *FUSED])
+@pytest.mark.parametrize("family", RUNS)
 def test_the_adapter_is_the_injection_rebuilt_from_laten_json(family, laten_runs, pairs,
                                                               seeds_file, tokenizer):
     from peft import PeftModel
@@ -423,3 +473,23 @@ def test_the_teacher_is_loaded_once_and_gone_before_the_student_loads(model_pair
               LatenSettings(steps=2, batch=3), progress=False)
     assert loads.count(teacher_dir) == 1 and loads.count(student_dir) == 1
     assert alive_at_student == [False]
+
+
+def test_a_shallower_teacher_feeds_the_student_layers_by_relative_depth(laten_runs):
+    """Gemma 3 (4 layers, post-norms) into a 6-layer Llama: every teacher layer is used, in
+    order, student layer i taking teacher layer round(i·3/5), as extraction's --layers depth."""
+    report = json.loads((laten_runs[SHALLOW] / "laten.json").read_text())
+    teacher, student = report["located"]["teacher"], report["located"]["student"]
+    assert teacher["layer_rule"] == "depth" and student["layer_rule"] == "attribution"
+    assert teacher["layers"] == {"attn": [0, 1, 1, 2, 2, 3], "ffn": [0, 1, 1, 2, 2, 3]}
+    assert student["layers"] == {"attn": list(range(6)), "ffn": list(range(6))}
+    assert all(len(n) == 6 for n in teacher["neurons"].values())
+
+
+def test_a_post_norm_that_is_not_an_rms_norm_is_refused(pairs, seeds_file, tokenizer):
+    teacher = load_model(str(pairs["gemma3_text"][0]))
+    spec = arch_for(teacher)
+    norm = teacher.get_submodule(spec.layers)[1].post_feedforward_layernorm
+    norm.forward = lambda x: torch.tanh(x) * 3.0  # same shapes, not an RMS norm
+    with pytest.raises(UserError, match="layer 1's post-norm after down is not an RMS norm"):
+        attribute_one(teacher, spec, _sample(seeds_file, tokenizer), tokenizer.eos_token_id)

@@ -126,6 +126,14 @@ PHI3 = register(
 )
 
 
+def gemma_post_norms(config: object) -> tuple[str, str] | None:
+    """Gemma 2 and 3 norm the attention and MLP outputs before the residual sum; Gemma 1's
+    `post_attention_layernorm` is Llama's pre-MLP norm."""
+    if getattr(config, "model_type", "") == "gemma":
+        return None
+    return ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
 #: Gemma, Gemma 2 and Gemma 3 (text): Llama's module layout. Their embedding is scaled by
 #: √hidden in its forward (`Gemma*TextScaledWordEmbedding` in transformers 5); PEFT applies that
 #: scale to the LoRA embedding path too, so base − s·B·A + s·B·A stays the base. The head is
@@ -136,6 +144,8 @@ GEMMA = register(
         family="gemma",
         model_types=("gemma", "gemma2", "gemma3_text"),
         layers="model.layers",
+        final_norm="model.norm",
+        post_norms=gemma_post_norms,
         embed=ModuleSpec("model.embed_tokens", ("embed",), embedding=True, in_layer=False),
         head=ModuleSpec("lm_head", ("head",), in_layer=False),
         layer_modules=LLAMA.layer_modules,

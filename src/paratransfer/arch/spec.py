@@ -156,6 +156,9 @@ class ArchSpec:
     fused: dict[str, FusedLayout] = field(default_factory=dict)  # by path; default STACKED
     head_layout: Callable[[object], HeadLayout] = config_heads
     final_norm: str = ""  # the norm between the last layer and the head ("" when unknown)
+    #: Norms a layer applies to its attention and MLP outputs before adding them to the stream
+    #: (paths inside a layer), or None when the outputs are added as they are (pre-norm only).
+    post_norms: Callable[[object], tuple[str, str] | None] = lambda config: None
 
     def modules(self) -> tuple[ModuleSpec, ...]:
         """Every module spec: embed, the per-layer ones, head."""

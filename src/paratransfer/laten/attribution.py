@@ -13,9 +13,16 @@ at that last position, for decoder layer l:
     score(attn layer l)  = log p(y | h_l + o_l) − log p(y | h_l)
     score(MLP layer l)   = log p(y | r_l + f_l) − log p(y | r_l)
 
-with p(·|v) = softmax(head(final_norm(v))). An up row i is the same MLP neuron as down column i;
-a v row (key/value head g, dimension j) scores the sum over the query heads that read it.
-Forward passes only: no gradient, nothing kept per sample beyond these score vectors.
+with p(·|v) = softmax(head(final_norm(v))) (soft-capped where the config says so). An up row i
+is the same MLP neuron as down column i; a v row (key/value head g, dimension j) scores the sum
+over the query heads that read it. Forward passes only: no gradient, nothing kept per sample
+beyond these score vectors.
+
+Families with post-norms (Gemma 2 and 3: the layer adds P_a(o_l) and P_f(f_l), each an RMS norm
+of the module's output) get the same scores with each neuron's term taken through its norm at
+the layer's own scale: P_o(v) = g ⊙ v / rms(o), with rms(o) = √(mean(o²) + ε) of the whole
+output o. The norm is linear in v once that scale is fixed, so the neurons' terms still add up
+to exactly what the layer adds to the stream (checked on every example).
 """
 
 from __future__ import annotations
@@ -80,24 +87,37 @@ def role_matrix(model: torch.nn.Module, spec: ArchSpec, role: str, layer: int) -
 
 
 class _Recorder:
-    """Forward hooks keeping, at the last position only, what the scores need."""
+    """Forward hooks keeping, at the last position only, what the scores need.
+
+    `y[role, l]` is what the module adds to the stream: its output, or with post-norms the
+    norm's output; `gain[role, l]` then maps a neuron's raw term onto that (module docstring).
+    """
 
     def __init__(self, model: torch.nn.Module, spec: ArchSpec):
         self.h: dict[int, torch.Tensor] = {}
         self.x: dict[tuple[str, int], torch.Tensor] = {}
+        self.raw: dict[tuple[str, int], torch.Tensor] = {}
         self.y: dict[tuple[str, int], torch.Tensor] = {}
+        self.post: dict[tuple[str, int], torch.nn.Module] = {}
         self.final: torch.Tensor | None = None
         self.handles = []
+        post_norms = spec.post_norms(model.config)
         for index, layer in enumerate(_layers(model, spec)):
             self.handles.append(layer.register_forward_pre_hook(
                 lambda m, args, kwargs, i=index: self._enter(i, args, kwargs), with_kwargs=True))
-            for role in ("o", "down"):
+            for n, role in enumerate(("o", "down")):
                 self.handles.append(_module(layer, spec, role).register_forward_hook(
                     lambda m, args, out, i=index, r=role: self._module(r, i, args, out)))
+                if post_norms:
+                    norm = layer.get_submodule(post_norms[n])
+                    self.post[role, index] = norm
+                    self.handles.append(norm.register_forward_hook(
+                        lambda m, args, out, i=index, r=role: self._normed(r, i, out)))
         if not spec.final_norm:
             raise UserError(f"{spec.family}: its final norm is not declared (arch/families.py), "
                             "which LaTen's attribution needs")
         self.norm = model.get_submodule(spec.final_norm)
+        self.softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
         self.handles.append(self.norm.register_forward_pre_hook(
             lambda m, args: setattr(self, "final", args[0][0, -1].detach())))
 
@@ -108,7 +128,33 @@ class _Recorder:
     def _module(self, role: str, index: int, args, out) -> None:
         out = out[0] if isinstance(out, tuple) else out
         self.x[role, index] = args[0][0, -1].detach()
+        self.raw[role, index] = out[0, -1].detach()
+        if (role, index) not in self.post:
+            self.y[role, index] = self.raw[role, index]
+
+    def _normed(self, role: str, index: int, out) -> None:
         self.y[role, index] = out[0, -1].detach()
+
+    def gain(self, role: str, index: int) -> torch.Tensor | None:
+        """g / rms(raw output), the post-norm's map at this layer's scale (None: no post-norm).
+
+        The gain g is the norm's output for a vector of ones times √(1 + ε); an RMS norm
+        `v · rsqrt(mean(v²) + ε) · g` is the only kind this is exact for, which the residual
+        check then confirms.
+        """
+        norm = self.post.get((role, index))
+        if norm is None:
+            return None
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        raw = self.raw[role, index].float()
+        ones = torch.ones(1, raw.shape[-1], dtype=raw.dtype, device=raw.device)
+        g = norm.forward(ones)[0].float() * (1.0 + eps) ** 0.5  # forward: not through the hooks
+        return g * torch.rsqrt(raw.square().mean() + eps)
+
+    def term(self, role: str, index: int, raw: torch.Tensor) -> torch.Tensor:
+        """A part of the module's raw output, as the stream receives it."""
+        gain = self.gain(role, index)
+        return raw if gain is None else (raw.float() * gain).to(raw.dtype)
 
     def close(self) -> None:
         for h in self.handles:
@@ -116,8 +162,9 @@ class _Recorder:
 
 
 def _check_residual(rec: _Recorder, layers: int, dtype: torch.dtype, family: str) -> None:
-    """The scores assume layer output = input + attention output + MLP output; refuse otherwise
-    (post-norms, as in Gemma 2/3, put a nonlinearity between a neuron and the stream)."""
+    """The scores assume layer output = input + what attention adds + what the MLP adds, and,
+    with post-norms, that each norm is the RMS norm the neurons' terms are mapped through;
+    refuse otherwise."""
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for i in range(layers):
         after = rec.h[i + 1] if i + 1 < layers else rec.final
@@ -126,6 +173,14 @@ def _check_residual(rec: _Recorder, layers: int, dtype: torch.dtype, family: str
         if float((after.float() - want).abs().max()) > tol * scale:
             raise UserError(f"{family}: layer {i}'s output is not its input plus the attention "
                             "and MLP outputs, so LaTen's neuron attribution does not apply")
+        for role in ("o", "down"):
+            if (role, i) not in rec.post:
+                continue
+            mapped = rec.term(role, i, rec.raw[role, i]).float()
+            normed = rec.y[role, i].float()
+            if float((mapped - normed).abs().max()) > tol * (float(normed.abs().max()) + 1.0):
+                raise UserError(f"{family}: layer {i}'s post-norm after {role} is not an RMS "
+                                "norm with a gain, so LaTen's neuron attribution does not apply")
 
 
 def _logprob(rec: _Recorder, head: torch.nn.Module, vectors: torch.Tensor, target: int) -> torch.Tensor:
@@ -135,19 +190,23 @@ def _logprob(rec: _Recorder, head: torch.nn.Module, vectors: torch.Tensor, targe
     out = []
     for part in vectors.split(chunk):
         logits = head(rec.norm(part.unsqueeze(0)))[0].float()
+        if rec.softcap:
+            logits = torch.tanh(logits / rec.softcap) * rec.softcap
         out.append(torch.log_softmax(logits, dim=-1)[:, target].double())
     return torch.cat(out)
 
 
 def _neuron_scores(rec: _Recorder, head, base: torch.Tensor, x: torch.Tensor,
-                   matrix: torch.Tensor, target: int) -> torch.Tensor:
-    """score of each column c: log p(y | base + x_c W[:, c]) − log p(y | base)."""
+                   matrix: torch.Tensor, target: int, role: str, layer: int) -> torch.Tensor:
+    """score of each column c: log p(y | base + x_c W[:, c]) − log p(y | base), the term taken
+    through the post-norm where the family has one."""
     before = _logprob(rec, head, base.unsqueeze(0), target)[0]
     scores = []
     step = max(1, _LOGIT_BUDGET // max(1, head.weight.shape[0]))
     for start in range(0, matrix.shape[1], step):
         cols = matrix[:, start:start + step]
-        vectors = base.unsqueeze(0) + (cols * x[start:start + step].unsqueeze(0)).t()
+        terms = rec.term(role, layer, (cols * x[start:start + step].unsqueeze(0)).t())
+        vectors = base.unsqueeze(0) + terms
         scores.append(_logprob(rec, head, vectors, target) - before)
     return torch.cat(scores)
 
@@ -185,9 +244,10 @@ def attribute_one(model: torch.nn.Module, spec: ArchSpec, sample: Mapping[str, S
             pair = _logprob(rec, head, torch.stack([h, r, r + f_out]), target)
             attn[i], ffn[i] = pair[1] - pair[0], pair[2] - pair[1]
             per_role["o"].append(_neuron_scores(rec, head, h, rec.x["o", i],
-                                                role_matrix(model, spec, "o", i), target))
+                                                role_matrix(model, spec, "o", i), target, "o", i))
             per_role["down"].append(_neuron_scores(rec, head, r, rec.x["down", i],
-                                                   role_matrix(model, spec, "down", i), target))
+                                                   role_matrix(model, spec, "down", i), target,
+                                                   "down", i))
     finally:
         rec.close()
     neurons = {role: torch.stack(rows).cpu() for role, rows in per_role.items()}

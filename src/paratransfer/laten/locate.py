@@ -1,7 +1,10 @@
 """From attribution scores to located neurons, and the parameter vectors they hold.
 
 Per kind (attention for v/o, MLP for up/down) the model's L highest-scoring layers are kept, in
-their original order (L: the student's layer count; the student keeps all of its layers). In
+their original order (L: the student's layer count; the student keeps all of its layers). A
+teacher with fewer than L layers keeps them all, mapped by relative depth as extraction's
+`--layers depth` does: student layer i takes teacher layer round(i·(n−1)/(L−1)), so teacher
+layers repeat, in order (the rule is recorded as `layer_rule`). In
 each kept layer a role's k highest-scoring neurons are located, best first (ties: lower index),
 k = ⌊rate · the student's width of that role⌋ for teacher and student alike. The i-th kept
 teacher layer is paired with the i-th student layer and, inside it, the teacher's j-th best
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from paratransfer.arch.spec import ArchSpec
+from paratransfer.extract.strategies import select_layers
 from paratransfer.io.errors import UserError
 from paratransfer.laten.attribution import Attribution, role_matrix
 from paratransfer.laten.settings import ROW_ROLES
@@ -31,9 +35,10 @@ class Located:
 
     layers: dict[str, list[int]]  # "attn"/"ffn" -> kept layer indices, ascending
     neurons: dict[str, list[list[int]]]  # role -> per kept layer, neuron indices, best first
+    layer_rule: str = "attribution"  # or "depth" (a teacher shallower than the student)
 
     def record(self) -> dict:
-        return {"layers": self.layers, "neurons": self.neurons}
+        return {"layers": self.layers, "neurons": self.neurons, "layer_rule": self.layer_rule}
 
 
 def role_width(model: torch.nn.Module, spec: ArchSpec, role: str) -> int:
@@ -64,9 +69,13 @@ def locate(attribution: Attribution, keep_layers: int, counts: dict[str, int]) -
     """The top `keep_layers` layers per kind and the top-k neurons of each role in them."""
     total = attribution.attn_layers.shape[0]
     if keep_layers > total:
-        raise UserError(f"the teacher has {total} layers, fewer than the student's {keep_layers}")
-    layers = {"attn": _top_layers(attribution.attn_layers, keep_layers),
-              "ffn": _top_layers(attribution.ffn_layers, keep_layers)}
+        rule = "depth"
+        by_depth = select_layers("depth", [0.0] * total, keep_layers)
+        layers = {"attn": by_depth, "ffn": list(by_depth)}
+    else:
+        rule = "attribution"
+        layers = {"attn": _top_layers(attribution.attn_layers, keep_layers),
+                  "ffn": _top_layers(attribution.ffn_layers, keep_layers)}
     neurons: dict[str, list[list[int]]] = {}
     for role, k in counts.items():
         scores = attribution.neurons[role]
@@ -75,7 +84,7 @@ def locate(attribution: Attribution, keep_layers: int, counts: dict[str, int]) -
                             f"{scores.shape[1]}")
         neurons[role] = [torch.sort(scores[layer], descending=True, stable=True).indices[:k].tolist()
                          for layer in layers[KIND[role]]]
-    return Located(layers, neurons)
+    return Located(layers, neurons, rule)
 
 
 def neuron_vectors(model: torch.nn.Module, spec: ArchSpec, located: Located) -> dict[str, torch.Tensor]:
