@@ -135,3 +135,30 @@ def test_tasks_are_registered_once():
     assert {f.evaluate_task for f in FORMATS.values()} <= set(TASKS)
     commands = build_parser()._subparsers._group_actions[0].choices
     assert "|".join(FORMATS) in commands["data"].format_help()
+
+
+def test_a_laten_field_is_its_flag_its_recipe_key_and_its_laten_json_entry():
+    from paratransfer.io.settings import flag_name, recipe_name
+    from paratransfer.laten.settings import LatenSettings
+
+    required = ["laten", "--teacher", "t", "--student", "s", "--seeds", "x", "--out", "o"]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    text = commands["laten"].format_help()
+    assert from_args(LatenSettings, build_parser().parse_args(required)) == LatenSettings()
+    record = LatenSettings().record()
+    for f in dataclasses.fields(LatenSettings):
+        assert (flag_name(f) in text) == f.metadata["flag"], f.name
+        assert (recipe_name(f) in STEP_KEYS["laten"]) == f.metadata["recipe"], f.name
+        assert f.name in record
+    # `roles` is `--modules`, as extraction's and training's module flags are
+    assert flag_name(next(f for f in dataclasses.fields(LatenSettings) if f.name == "roles")) \
+        == "--modules"
+    args = build_parser().parse_args(required + ["--modules", "up, down", "--rate", "0.2",
+                                                 "--reg-weight", "5"])
+    s = from_args(LatenSettings, args)
+    assert (s.roles, s.rate, s.reg_weight) == (("up", "down"), 0.2, 5.0)
+    assert s.record()["roles"] == ["up", "down"] and s.record()["rate"] == 0.2
+    assert STEP_KEYS["laten"] == {"laten": "none", **recipe_keys(LatenSettings)}
+    assert STEP_KEYS["laten"]["laten_lr"] == LatenSettings().lr
+    assert LatenSettings.from_recipe({**SETTING_DEFAULTS, "laten_steps": 3}, seed=5) == \
+        LatenSettings(steps=3, seed=5, max_length=SETTING_DEFAULTS["max_length"])
