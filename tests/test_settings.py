@@ -162,3 +162,33 @@ def test_a_laten_field_is_its_flag_its_recipe_key_and_its_laten_json_entry():
     assert STEP_KEYS["laten"]["laten_lr"] == LatenSettings().lr
     assert LatenSettings.from_recipe({**SETTING_DEFAULTS, "laten_steps": 3}, seed=5) == \
         LatenSettings(steps=3, seed=5, max_length=SETTING_DEFAULTS["max_length"])
+
+
+def test_a_registered_strategy_is_in_the_help_and_accepted_without_other_edits(monkeypatch):
+    """Strategy names in help texts and error messages come from their registries."""
+    from paratransfer.extract import factorize, strategies
+    from paratransfer.train import inits
+
+    monkeypatch.setitem(strategies.REDUCERS, "middle-block", strategies.Reduction(
+        lambda sens, rows, cols, generator, units: None, help="the centre of the matrix"))
+    monkeypatch.setitem(strategies.LAYER_SELECTORS, "alternate", lambda scores, k, generator: [])
+    monkeypatch.setitem(factorize.FACTORIZERS, "qr-sketch",
+                        factorize.Method(lambda *a: None, "a QR sketch"))
+    monkeypatch.setitem(inits.INITS, "zeros", dataclasses.replace(
+        inits.INITS["standard"], name="zeros", help="both factors zero"))
+    commands = build_parser()._subparsers._group_actions[0].choices
+    text = "".join(commands["extract"].format_help().split())  # argparse wraps at dashes too
+    assert "|middle-block(" in text and "middle-block:thecentreofthematrix" in text
+    assert "|alternate(" in text and "qr-sketch(aQRsketch)" in text
+    args = _args("extract", "--reduce", "middle-block", "--layers", "alternate",
+                 "--svd", "qr-sketch")
+    assert from_args(ExtractSettings, args).reduce == "middle-block"
+    for bad, flag in (({"reduce": "nope"}, "--reduce"), ({"svd": "nope"}, "--svd")):
+        try:
+            ExtractSettings(**bad)
+        except Exception as e:  # noqa: BLE001 - the message is what is checked
+            assert flag in str(e) and ("middle-block" in str(e) or "qr-sketch" in str(e))
+    train = "".join(commands["train"].format_help().split())
+    assert "zeros:bothfactorszero" in train and ",zeros}" in train
+    args = build_parser().parse_args(REQUIRED + ["--init", "zeros"])
+    assert from_args(TrainSettings, args).init == "zeros"

@@ -13,11 +13,12 @@ from typing import Any
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
 
 
-def setting(default: Any, help: str, *, flag: bool = True, recipe: bool = False,
+def setting(default: Any, help: str | Callable[[], str], *, flag: bool = True, recipe: bool = False,
             recipe_default: Any = dataclasses.MISSING, recipe_name: str | None = None,
             flag_as: str | None = None, parse: Callable[[str], Any] | None = None,
             **cli: Any) -> Any:
-    """A settings field. `help` may name `{default}`; `recipe_default` is the recipe key's
+    """A settings field. `help` may name `{default}`, and may be a function giving the text
+    when the flags are made (help listing a registry's names reads the registry then); `recipe_default` is the recipe key's
     default when it differs from the field's (e.g. a boolean standing for a path);
     `recipe_name` is the recipe key when two steps' fields share a name with different
     meanings (evaluation's `batch_size` is the recipe's `eval_batch_size`); `flag_as` is the
@@ -47,7 +48,8 @@ def add_setting_flags(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | N
     default, type and help."""
     for f in flag_fields(cls, only):
         meta = f.metadata
-        text = meta["help"].format(default=f.default)
+        text = (meta["help"]() if callable(meta["help"]) else meta["help"]).format(
+            default=f.default)
         if str(f.type) == "bool" and meta["parse"] is None:
             p.add_argument(flag_name(f), action="store_true", dest=f.name, help=text,
                            **meta["cli"])

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import from_recipe_keys, setting
+from paratransfer.tasks.examples import prompt_formats_help
 
 #: The roles LaTen transfers: rows of up and v, columns of down and o (the published choice).
 LATEN_ROLES: tuple[str, ...] = ("up", "down", "v", "o")
@@ -47,7 +48,7 @@ class LatenSettings:
         LATEN_ROLES, f"roles to transfer, some of {','.join(LATEN_ROLES)} (default all)",
         flag_as="modules", parse=_roles)
     seed: int = setting(42, "seed (default {default})")
-    prompt_format: str = setting("tulu", "tulu (docs/method.md §1) or chat-template")
+    prompt_format: str = setting("tulu", prompt_formats_help)
     max_length: int = setting(1024, "truncate examples to this many tokens (default {default})")
 
     def __post_init__(self) -> None:
