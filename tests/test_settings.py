@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from paratransfer.cli.entry import build_parser
-from paratransfer.evaluate import TASKS
+from paratransfer.evaluate import TASKS, get_task
 from paratransfer.evaluate.settings import EvalSettings
 from paratransfer.experiment.recipe import SETTING_DEFAULTS, STEP_KEYS, TASK_TYPES
 from paratransfer.extract.settings import ExtractSettings
@@ -192,3 +192,47 @@ def test_a_registered_strategy_is_in_the_help_and_accepted_without_other_edits(m
     assert "zeros:bothfactorszero" in train and ",zeros}" in train
     args = build_parser().parse_args(REQUIRED + ["--init", "zeros"])
     assert from_args(TrainSettings, args).init == "zeros"
+
+
+def test_a_task_declared_in_one_module_reaches_data_evaluate_and_recipes(tmp_path):
+    """A task module declares its TASK and FORMATS; registering it is the only other step."""
+    import types
+
+    from paratransfer.experiment.recipe import load_recipe
+    from paratransfer.sources import FORMATS, get_format
+    from paratransfer.tasks import registry
+    from paratransfer.tasks.task import Field, Item, Task, TaskFormat, chat, text
+
+    def to_item(example):
+        return Item(example, example.answer, example.messages[-2]["content"])
+
+    fake = types.SimpleNamespace(
+        TASK=Task(name="echo", description="repeat the question", metrics={"accuracy": "correct"},
+                  to_item=to_item, score=lambda output, item: {"parsed": output,
+                                                               "correct": output == item.gold}),
+        FORMATS=(TaskFormat(name="echo", description="echo records", fields=(
+            Field("question", "question", "what to repeat"),),
+            messages=lambda row: chat(text(row, "question"), text(row, "question")),
+            evaluate_task="echo", train_split="train", eval_split="test"),))
+    saved = dict(registry.TASKS), dict(registry.FORMATS)
+    try:
+        registry.register(fake)
+        assert get_task("echo") is fake.TASK and get_format("echo") is fake.FORMATS[0]
+        assert "echo" in FORMATS and "echo" in TASKS  # the registry's dicts, where read
+        commands = build_parser()._subparsers._group_actions[0].choices
+        assert "|echo" in commands["data"].format_help()
+        assert "echo: echo records" in commands["data"].format_help()
+        assert "|echo" in commands["evaluate"].format_help()
+        for name in ("seeds", "train", "eval"):
+            (tmp_path / f"{name}.jsonl").write_text("{}\n", encoding="utf-8")
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("teacher: org/teacher\nstudent: org/student\ntask: {type: echo, "
+                          "seeds: seeds.jsonl, train: train.jsonl, eval: eval.jsonl}\n",
+                          encoding="utf-8")
+        assert load_recipe(recipe).task.type == "echo"
+        assert EvalSettings.from_recipe("echo", SETTING_DEFAULTS).task == "echo"
+    finally:
+        for live, before in zip((registry.TASKS, registry.FORMATS), saved, strict=True):
+            live.clear()
+            live.update(before)
+    assert "echo" not in TASKS and "echo" not in FORMATS

@@ -44,7 +44,8 @@ TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name",
 TASK_KEYS = {"type": None, "seeds": None, "train": None, "eval": None}
 #: Optional task files: held-out examples whose loss training records (with `eval_every`).
 OPTIONAL_TASK_KEYS = {"heldout": None}
-#: The task types a recipe names: the evaluation tasks, as registered once in `evaluate.TASKS`.
+#: The task types a recipe names: the evaluation tasks, as registered once in
+#: `tasks/registry.py` (when this module was imported; `parse_recipe` reads the registry itself).
 TASK_TYPES = tuple(TASKS)
 DEFAULT_ARMS: dict[str, dict[str, Any]] = {"transfer": {}, "lora": {"init": "standard"}}
 
@@ -166,9 +167,9 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     for key in TASK_KEYS:
         if key not in task_raw:
             raise UserError(f"{path}: task.{key}: missing")
-    if task_raw["type"] not in TASK_TYPES:
+    if task_raw["type"] not in TASKS:
         raise UserError(f"{path}: task.type: {task_raw['type']!r} is not a task "
-                        f"(expected one of: {', '.join(TASK_TYPES)})")
+                        f"(expected one of: {', '.join(TASKS)})")
     task = Task(task_raw["type"], *(_file(task_raw[k], f"{path}: task.{k}", base)
                                     for k in ("seeds", "train", "eval")),
                 heldout=(_file(task_raw["heldout"], f"{path}: task.heldout", base)
