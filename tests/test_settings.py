@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from paratransfer.cli.entry import build_parser
-from paratransfer.evaluate import TASKS
+from paratransfer.evaluate import TASKS, get_task
 from paratransfer.evaluate.settings import EvalSettings
 from paratransfer.experiment.recipe import SETTING_DEFAULTS, STEP_KEYS, TASK_TYPES
 from paratransfer.extract.settings import ExtractSettings
@@ -135,3 +135,104 @@ def test_tasks_are_registered_once():
     assert {f.evaluate_task for f in FORMATS.values()} <= set(TASKS)
     commands = build_parser()._subparsers._group_actions[0].choices
     assert "|".join(FORMATS) in commands["data"].format_help()
+
+
+def test_a_laten_field_is_its_flag_its_recipe_key_and_its_laten_json_entry():
+    from paratransfer.io.settings import flag_name, recipe_name
+    from paratransfer.laten.settings import LatenSettings
+
+    required = ["laten", "--teacher", "t", "--student", "s", "--seeds", "x", "--out", "o"]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    text = commands["laten"].format_help()
+    assert from_args(LatenSettings, build_parser().parse_args(required)) == LatenSettings()
+    record = LatenSettings().record()
+    for f in dataclasses.fields(LatenSettings):
+        assert (flag_name(f) in text) == f.metadata["flag"], f.name
+        assert (recipe_name(f) in STEP_KEYS["laten"]) == f.metadata["recipe"], f.name
+        assert f.name in record
+    # `roles` is `--modules`, as extraction's and training's module flags are
+    assert flag_name(next(f for f in dataclasses.fields(LatenSettings) if f.name == "roles")) \
+        == "--modules"
+    args = build_parser().parse_args(required + ["--modules", "up, down", "--rate", "0.2",
+                                                 "--reg-weight", "5"])
+    s = from_args(LatenSettings, args)
+    assert (s.roles, s.rate, s.reg_weight) == (("up", "down"), 0.2, 5.0)
+    assert s.record()["roles"] == ["up", "down"] and s.record()["rate"] == 0.2
+    assert STEP_KEYS["laten"] == {"laten": "none", **recipe_keys(LatenSettings)}
+    assert STEP_KEYS["laten"]["laten_lr"] == LatenSettings().lr
+    assert LatenSettings.from_recipe({**SETTING_DEFAULTS, "laten_steps": 3}, seed=5) == \
+        LatenSettings(steps=3, seed=5, max_length=SETTING_DEFAULTS["max_length"])
+
+
+def test_a_registered_strategy_is_in_the_help_and_accepted_without_other_edits(monkeypatch):
+    """Strategy names in help texts and error messages come from their registries."""
+    from paratransfer.extract import factorize, strategies
+    from paratransfer.train import inits
+
+    monkeypatch.setitem(strategies.REDUCERS, "middle-block", strategies.Reduction(
+        lambda sens, rows, cols, generator, units: None, help="the centre of the matrix"))
+    monkeypatch.setitem(strategies.LAYER_SELECTORS, "alternate", lambda scores, k, generator: [])
+    monkeypatch.setitem(factorize.FACTORIZERS, "qr-sketch",
+                        factorize.Method(lambda *a: None, "a QR sketch"))
+    monkeypatch.setitem(inits.INITS, "zeros", dataclasses.replace(
+        inits.INITS["standard"], name="zeros", help="both factors zero"))
+    commands = build_parser()._subparsers._group_actions[0].choices
+    text = "".join(commands["extract"].format_help().split())  # argparse wraps at dashes too
+    assert "|middle-block(" in text and "middle-block:thecentreofthematrix" in text
+    assert "|alternate(" in text and "qr-sketch(aQRsketch)" in text
+    args = _args("extract", "--reduce", "middle-block", "--layers", "alternate",
+                 "--svd", "qr-sketch")
+    assert from_args(ExtractSettings, args).reduce == "middle-block"
+    for bad, flag in (({"reduce": "nope"}, "--reduce"), ({"svd": "nope"}, "--svd")):
+        try:
+            ExtractSettings(**bad)
+        except Exception as e:  # noqa: BLE001 - the message is what is checked
+            assert flag in str(e) and ("middle-block" in str(e) or "qr-sketch" in str(e))
+    train = "".join(commands["train"].format_help().split())
+    assert "zeros:bothfactorszero" in train and ",zeros}" in train
+    args = build_parser().parse_args(REQUIRED + ["--init", "zeros"])
+    assert from_args(TrainSettings, args).init == "zeros"
+
+
+def test_a_task_declared_in_one_module_reaches_data_evaluate_and_recipes(tmp_path):
+    """A task module declares its TASK and FORMATS; registering it is the only other step."""
+    import types
+
+    from paratransfer.experiment.recipe import load_recipe
+    from paratransfer.sources import FORMATS, get_format
+    from paratransfer.tasks import registry
+    from paratransfer.tasks.task import Field, Item, Task, TaskFormat, chat, text
+
+    def to_item(example):
+        return Item(example, example.answer, example.messages[-2]["content"])
+
+    fake = types.SimpleNamespace(
+        TASK=Task(name="echo", description="repeat the question", metrics={"accuracy": "correct"},
+                  to_item=to_item, score=lambda output, item: {"parsed": output,
+                                                               "correct": output == item.gold}),
+        FORMATS=(TaskFormat(name="echo", description="echo records", fields=(
+            Field("question", "question", "what to repeat"),),
+            messages=lambda row: chat(text(row, "question"), text(row, "question")),
+            evaluate_task="echo", train_split="train", eval_split="test"),))
+    saved = dict(registry.TASKS), dict(registry.FORMATS)
+    try:
+        registry.register(fake)
+        assert get_task("echo") is fake.TASK and get_format("echo") is fake.FORMATS[0]
+        assert "echo" in FORMATS and "echo" in TASKS  # the registry's dicts, where read
+        commands = build_parser()._subparsers._group_actions[0].choices
+        assert "|echo" in commands["data"].format_help()
+        assert "echo: echo records" in commands["data"].format_help()
+        assert "|echo" in commands["evaluate"].format_help()
+        for name in ("seeds", "train", "eval"):
+            (tmp_path / f"{name}.jsonl").write_text("{}\n", encoding="utf-8")
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("teacher: org/teacher\nstudent: org/student\ntask: {type: echo, "
+                          "seeds: seeds.jsonl, train: train.jsonl, eval: eval.jsonl}\n",
+                          encoding="utf-8")
+        assert load_recipe(recipe).task.type == "echo"
+        assert EvalSettings.from_recipe("echo", SETTING_DEFAULTS).task == "echo"
+    finally:
+        for live, before in zip((registry.TASKS, registry.FORMATS), saved, strict=True):
+            live.clear()
+            live.update(before)
+    assert "echo" not in TASKS and "echo" not in FORMATS

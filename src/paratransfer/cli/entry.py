@@ -14,6 +14,7 @@ from paratransfer.cli import laten as cli_laten
 from paratransfer.cli import stability as cli_stability
 from paratransfer.cli import train as cli_train
 from paratransfer.cli.options import Parser, add_common, add_extraction, add_seed_data, add_threads
+from paratransfer.demo.study import DEFAULT_STUDY_ARMS, STUDY_ARMS
 from paratransfer.extract.settings import ExtractSettings
 from paratransfer.io.console import quiet_libraries
 from paratransfer.io.errors import UserError
@@ -90,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="a study: seeds 1..N on the same world and budget (default --out "
                         "out/demo-study, resumable; the default demo runs 3)")
+    left_out = [a for a in STUDY_ARMS if a not in DEFAULT_STUDY_ARMS]
     p.add_argument("--arms", default=None,
-                   help="a study's arms, comma-separated, lora among them: transfer, lora, pissa, "
-                        "spectrum, eva, corda, random (a random window of the teacher), distill "
-                        "(default with --seeds: all but distill)")
+                   help=f"a study's arms, comma-separated, lora among them: "
+                        f"{', '.join(STUDY_ARMS)} (random: a random window of the teacher; "
+                        f"default with --seeds: all but {', '.join(left_out)})")
     p.add_argument("--jobs", type=int, default=None,
                    help="training chains run at once (default 2, the demo's 2-core machine)")
     p.set_defaults(func=_cmd_demo)  # no --threads: its models are built and trained on one

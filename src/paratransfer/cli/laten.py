@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from paratransfer.cli.options import add_common
+from paratransfer.io.settings import add_setting_flags, from_args
 
 
 def register(sub) -> None:
     """Add the `laten` subcommand to `paratransfer`'s subparsers."""
-    from paratransfer.laten.settings import LATEN_ROLES, LatenSettings
+    from paratransfer.laten.settings import LatenSettings
 
-    d = LatenSettings()
     p = sub.add_parser("laten",
                        help="LaTen (Locate-Then-Align): locate neurons by attribution, train a "
                             "translator for a few steps, inject once; writes a PEFT adapter")
@@ -24,23 +24,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True,
                    help="folder to write: adapter_config.json, adapter_model.safetensors, "
                         "translator.safetensors, laten.json")
-    p.add_argument("--rate", type=float, default=d.rate,
-                   help=f"share of each student module's neurons located (default {d.rate})")
-    p.add_argument("--steps", type=int, default=d.steps,
-                   help=f"translator training steps (default {d.steps})")
-    p.add_argument("--batch", type=int, default=d.batch,
-                   help=f"examples per step, the locating one included (default {d.batch})")
-    p.add_argument("--lr", type=float, default=d.lr,
-                   help=f"peak learning rate, one-cycle schedule (default {d.lr:g})")
-    p.add_argument("--reg-weight", type=float, default=d.reg_weight,
-                   help=f"weight of the mean square of what is added (default {d.reg_weight:g})")
-    p.add_argument("--modules", default=",".join(LATEN_ROLES),
-                   help=f"roles to transfer, some of {','.join(LATEN_ROLES)} (default all)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
-    p.add_argument("--prompt-format", default=d.prompt_format,
-                   help="tulu (docs/method.md §1) or chat-template")
-    p.add_argument("--max-length", type=int, default=d.max_length,
-                   help=f"truncate examples to this many tokens (default {d.max_length})")
+    add_setting_flags(p, LatenSettings)
     add_common(p)
     p.set_defaults(func=_cmd_laten)
 
@@ -49,11 +33,7 @@ def _cmd_laten(args) -> int:
     from paratransfer.io.devices import pick_device, pick_dtype
     from paratransfer.laten import LatenSettings, run_laten
 
-    settings = LatenSettings(rate=args.rate, steps=args.steps, batch=args.batch, lr=args.lr,
-                             reg_weight=args.reg_weight,
-                             roles=tuple(r.strip() for r in args.modules.split(",") if r.strip()),
-                             seed=args.seed, prompt_format=args.prompt_format,
-                             max_length=args.max_length)
+    settings = from_args(LatenSettings, args)
     device = pick_device(args.device)
     report = run_laten(args.teacher, args.student, args.seeds, args.out, settings, data=args.data,
                        dtype=pick_dtype(args.dtype, device), device=device,

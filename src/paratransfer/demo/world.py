@@ -105,7 +105,7 @@ def arithmetic_records(n: int, seed: int = 0,
                        prefix: str = "arith") -> list[dict]:
     """`n` chat records of a task family, deterministic for a seed, in the GSM chat records'
     format (so the demo's models are asked exactly what `evaluate --task gsm` asks)."""
-    from paratransfer.evaluate.gsm import INSTRUCTION
+    from paratransfer.tasks.gsm import INSTRUCTION
 
     rng = random.Random(seed)
     records = []

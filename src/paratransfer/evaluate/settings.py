@@ -10,7 +10,7 @@ from typing import Any
 from paratransfer.evaluate import TASKS, get_task
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import from_recipe_keys, setting
-from paratransfer.tasks.examples import PROMPT_FORMATS
+from paratransfer.tasks.examples import PROMPT_FORMATS, prompt_formats_help
 
 #: What to do with a record whose prompt cannot fit the context: refuse, skip or truncate.
 OVERLONG = ("refuse", "skip", "truncate")
@@ -31,10 +31,9 @@ class EvalSettings:
     max_new_tokens: int | None = setting(None, f"generation budget (default: {_BUDGETS})",
                                          recipe=True)  # None: the task's default
     #: The recipe's `prompt_format` (declared by the sensitivity step) sets it for every step.
-    prompt_format: str = setting("tulu", "tulu (docs/method.md §1, as `train` uses) or "
-                                 "chat-template")
-    judge_prompt_format: str = setting("auto", "auto (the judge's chat template if any, else "
-                                       "tulu), tulu or chat-template")
+    prompt_format: str = setting("tulu", lambda: prompt_formats_help(", as `train` uses"))
+    judge_prompt_format: str = setting("auto", lambda: "auto (the judge's chat template if "
+                                       "any, else tulu), " + " or ".join(PROMPT_FORMATS))
     overlong: str = setting("refuse", "a record too long for the context even without worked "
                             "examples: refuse (default), skip (counted and listed by FILE:LINE "
                             "in metrics.json) or truncate (its instruction cut from the left)",

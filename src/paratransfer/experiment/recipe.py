@@ -21,6 +21,7 @@ from paratransfer.extract.settings import ExtractSettings
 from paratransfer.io.checks import seed_number
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import recipe_keys
+from paratransfer.laten.settings import LatenSettings
 from paratransfer.sensitivity.settings import SensitivitySettings
 from paratransfer.train.settings import TrainSettings
 
@@ -31,8 +32,8 @@ STEP_KEYS: dict[str, dict[str, Any]] = {
     "train": recipe_keys(TrainSettings),  # the fields `setting(..., recipe=True)` declares
     # shots_data is an input file of the evaluation, not one of its settings
     "evaluate": {**recipe_keys(EvalSettings), "shots_data": None},
-    "laten": {"laten": "none", "laten_rate": 0.1, "laten_steps": 8, "laten_batch": 16,
-              "laten_lr": 3e-5},
+    # `laten` is the arm's mode (LATEN_MODES), the others LaTen's own settings
+    "laten": {"laten": "none", **recipe_keys(LatenSettings)},
     "run": {"dtype": "auto", "device": "auto"},
 }
 #: What `laten` does to an arm: nothing, LaTen's injection evaluated as it is (no training), or
@@ -43,7 +44,8 @@ TOP_KEYS = {"teacher", "student", "task", "arms", "seeds", "references", "name",
 TASK_KEYS = {"type": None, "seeds": None, "train": None, "eval": None}
 #: Optional task files: held-out examples whose loss training records (with `eval_every`).
 OPTIONAL_TASK_KEYS = {"heldout": None}
-#: The task types a recipe names: the evaluation tasks, as registered once in `evaluate.TASKS`.
+#: The task types a recipe names: the evaluation tasks, as registered once in
+#: `tasks/registry.py` (when this module was imported; `parse_recipe` reads the registry itself).
 TASK_TYPES = tuple(TASKS)
 DEFAULT_ARMS: dict[str, dict[str, Any]] = {"transfer": {}, "lora": {"init": "standard"}}
 
@@ -165,9 +167,9 @@ def parse_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     for key in TASK_KEYS:
         if key not in task_raw:
             raise UserError(f"{path}: task.{key}: missing")
-    if task_raw["type"] not in TASK_TYPES:
+    if task_raw["type"] not in TASKS:
         raise UserError(f"{path}: task.type: {task_raw['type']!r} is not a task "
-                        f"(expected one of: {', '.join(TASK_TYPES)})")
+                        f"(expected one of: {', '.join(TASKS)})")
     task = Task(task_raw["type"], *(_file(task_raw[k], f"{path}: task.{k}", base)
                                     for k in ("seeds", "train", "eval")),
                 heldout=(_file(task_raw["heldout"], f"{path}: task.heldout", base)
@@ -283,8 +285,6 @@ def _check_settings(recipe: Recipe) -> None:
 
 def _check_laten(s: dict[str, Any]) -> None:
     """`laten` is one of LATEN_MODES; `lora` fine-tunes from PEFT's standard init."""
-    from paratransfer.laten.settings import LatenSettings
-
     if s["laten"] not in LATEN_MODES:
         raise UserError(f"laten: {s['laten']!r} (expected one of: {', '.join(LATEN_MODES)})")
     if s["laten"] == "lora" and s["init"] != "standard":

@@ -12,11 +12,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from paratransfer.extract.certified_svd import certified_svd
 from paratransfer.io.errors import UserError
+
+# The methods' names and help are read by `paratransfer --help` (`--svd`), which must not wait
+# for torch: the functions import it when extraction calls them.
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_OVERSAMPLE = 8
 RANDOMIZED_POWER_ITERATIONS = 4
@@ -34,12 +37,14 @@ class Factors:
 
 # A factorizer gets (block, rank, seed, ||block||_F²) for a float32/float64 block and returns
 # (U_r [m, r], S_r [r], V_r [n, r], what was done: {"method": ..., ...}).
-Factorizer = Callable[[torch.Tensor, int, int, float],
-                      tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]
+Factorizer = Callable[["torch.Tensor", int, int, float],
+                      tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", dict]]
 
 
 def _exact(block: torch.Tensor, rank: int, seed: int, total: float) -> tuple:
     """Economy SVD: exact top-r triplets, never the m x m U of a full SVD."""
+    import torch
+
     u, s, vh = torch.linalg.svd(block, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank].mT, {"method": "exact"}
 
@@ -51,6 +56,8 @@ def _randomized(block: torch.Tensor, rank: int, seed: int, total: float) -> tupl
     svd_lowrank draws from the global RNG, so it runs inside a forked RNG state seeded with
     `seed`: reproducible, and the caller's random stream is left untouched.
     """
+    import torch
+
     q = min(rank + DEFAULT_OVERSAMPLE, min(block.shape))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -61,16 +68,34 @@ def _randomized(block: torch.Tensor, rank: int, seed: int, total: float) -> tupl
 
 def _auto(block: torch.Tensor, rank: int, seed: int, total: float) -> tuple:
     """Block Krylov until the certificate holds, else the exact SVD (`certified_svd`)."""
+    from paratransfer.extract.certified_svd import certified_svd
+
     u, s, v, certificate = certified_svd(block, rank, seed, total=total)
     return u, s, v, certificate.as_dict()
 
 
-FACTORIZERS: dict[str, Factorizer] = {
-    "auto": _auto,
-    "exact": _exact,
-    "randomized": _randomized,
+@dataclass(frozen=True)
+class Method:
+    """An `--svd` method: its factorizer and what `--help` says of it."""
+
+    run: Factorizer
+    help: str
+
+
+#: Every `--svd` method, by the name a user types.
+FACTORIZERS: dict[str, Method] = {
+    "auto": Method(_auto, "randomized block Krylov until the top-r singular values and the "
+                   "residual are certified, else exact"),
+    "exact": Method(_exact, "economy SVD"),
+    "randomized": Method(_randomized, "fixed sketch, unchecked"),
 }
 DEFAULT_METHOD = "auto"
+
+
+def svd_help(default: str = DEFAULT_METHOD) -> str:
+    """`--svd`'s help: every method with what it does."""
+    return (", ".join(f"{name} ({m.help})" for name, m in FACTORIZERS.items())
+            + f"; default {default}")
 
 
 def _check(block: torch.Tensor, rank: int, method: str) -> Factorizer:
@@ -85,7 +110,7 @@ def _check(block: torch.Tensor, rank: int, method: str) -> Factorizer:
         raise UserError(
             f"rank {rank} is outside 1..{min(m, n)} (the smaller side) of a [{m}, {n}] block"
         )
-    return FACTORIZERS[method]
+    return FACTORIZERS[method].run
 
 
 def _squared_norm(block: torch.Tensor) -> float:
@@ -94,6 +119,8 @@ def _squared_norm(block: torch.Tensor) -> float:
     Computed in the block's dtype (a float64-accumulating norm of float32 is ~6x slower here)
     and redone in float64 only if float32 overflowed on finite values.
     """
+    import torch
+
     norm = float(torch.linalg.vector_norm(block))
     if not math.isfinite(norm):
         if not bool(torch.isfinite(block).all()):
@@ -109,6 +136,8 @@ def _energy(total: float, singular_values: torch.Tensor) -> float:
     """Share of the block's squared Frobenius norm kept by the kept singular values."""
     if total == 0.0:
         return 1.0
+    import torch
+
     kept = float((singular_values.to(torch.float64) ** 2).sum())
     return min(1.0, kept / total)
 
@@ -120,6 +149,8 @@ def factorize(block: torch.Tensor, rank: int, method: str = DEFAULT_METHOD,
     Computes in float32 (float64 stays float64) because half-precision SVD is unsupported or
     inaccurate on CPU; returns contiguous factors in the block's float dtype.
     """
+    import torch
+
     factorizer = _check(block, rank, method)
     out_dtype = block.dtype if block.is_floating_point() else torch.float32
     work = block.to(torch.float64 if block.dtype == torch.float64 else torch.float32)

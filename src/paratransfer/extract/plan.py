@@ -226,6 +226,163 @@ def vocabulary_for(teacher_config, student: torch.nn.Module, settings: ExtractSe
     return alignment
 
 
+@dataclass
+class _Setup:
+    """What every step of `extract` reads: both architectures, the student's parameters, the
+    modules planned, the teacher layers selected, the vocabulary and head layouts; and the
+    result the steps fill in."""
+
+    weights: TeacherWeights
+    t_arch: ArchSpec
+    s_arch: ArchSpec
+    s_config: object  # the student's config
+    s_params: dict[str, torch.Tensor]
+    n_student: int
+    settings: ExtractSettings
+    specs: list[ModuleSpec]  # student modules with something to transfer
+    standard: list[ModuleSpec]  # student modules that get PEFT's standard init
+    vocab: VocabAlignment | None
+    heads: tuple[HeadLayout, HeadLayout] | None  # teacher's, student's (head-aware reductions)
+    teacher_parts: _TeacherParts
+    result: Extraction
+    index: int = 0  # role parts reduced so far: each random reduction's own seed
+
+    @property
+    def t_config(self):
+        return self.weights.config
+
+    def student_shape(self, spec: ModuleSpec, s_layer: int | None) -> tuple[int, int]:
+        return tuple(spec.to_linear(self.s_params[spec.param_name(self.s_arch.layers,
+                                                                   s_layer)]).shape)
+
+
+def _setup(weights: TeacherWeights, student: torch.nn.Module,
+           sensitivity: Mapping[str, torch.Tensor], settings: ExtractSettings,
+           vocab: VocabAlignment | None, teacher_tokenizer, student_tokenizer) -> _Setup:
+    """Plan the modules, align the vocabularies, select the teacher layers (step 1)."""
+    from paratransfer.sensitivity.accumulate import layer_scores
+
+    t_arch, s_arch = arch_for(weights.config), arch_for(student)
+    n_teacher = t_arch.count_layers(weights.keys())
+    n_student = s_arch.num_layers(student)
+    specs, standard, skipped = _plan(t_arch, s_arch, student, set(settings.modules))
+    if vocab is None:
+        vocab = vocabulary_for(weights.config, student, settings, teacher_tokenizer,
+                               student_tokenizer)
+    scores = layer_scores(sensitivity, t_arch.layer_of, n_teacher)
+    selected = align.select_layers(settings.layers, scores, n_student, seed=settings.seed)
+    result = Extraction(factors=[], selected_layers=selected, layer_scores=scores,
+                        skipped=skipped, vocab=vocab.report() if vocab is not None else None,
+                        layer_rule=align.layer_rule(settings.layers, n_teacher, n_student))
+    heads = None
+    if align.REDUCERS[settings.reduce].head_aware:
+        heads = (t_arch.heads(weights.config), s_arch.heads(student.config))
+    return _Setup(weights, t_arch, s_arch, student.config,
+                  dict(student.named_parameters(remove_duplicate=False)), n_student, settings,
+                  specs, standard, vocab, heads, _TeacherParts(weights, t_arch, sensitivity),
+                  result)
+
+
+def _select_part(setup: _Setup, spec: ModuleSpec, s_name: str, s_shape: tuple[int, int],
+                 role: str, s_size: int, s_layer: int | None) -> tuple[torch.Tensor, dict]:
+    """The student-sized block of one role's teacher matrix (step 2: gather the vocabulary,
+    pad if allowed, reduce by the strategy), and its report entry."""
+    settings, result = setup.settings, setup.result
+    n_cols = s_shape[1]
+    t_layer = result.selected_layers[s_layer] if s_layer is not None else None
+    t_spec, t_name, t_part, t_sens = setup.teacher_parts.get(role, t_layer)
+    where = f"{s_name} ({role}) from {t_name}"
+    t_shape = tuple(t_part.shape)
+    entry = {
+        "name": s_name,
+        "role": role,
+        "teacher_name": t_name,
+        "teacher_layer": t_layer,
+        "student_layer": s_layer,
+        "teacher_shape": list(t_shape),
+        "student_shape": [s_size, n_cols],
+    }
+    if role in VOCAB_DIM:
+        dim = VOCAB_DIM[role]
+        if not setup.vocab.is_identity(t_shape[dim]):
+            t_part, t_sens = setup.vocab.gather(t_part, dim), setup.vocab.gather(t_sens, dim)
+            entry["vocab_gathered"] = True
+    units = (head_units(role, *setup.heads, t_shape, (s_size, n_cols), where)
+             if setup.heads is not None else (1, 1))
+    m, n = t_part.shape
+    if m < s_size or n < n_cols:
+        if not settings.allow_pad:
+            raise UserError(f"{where}: teacher matrix {[m, n]} is smaller than the "
+                            f"student's {[s_size, n_cols]} in some dimension (pass "
+                            "--allow-pad to zero-pad it)")
+        t_part, t_sens = _pad(t_part, s_size, n_cols), _pad(t_sens, s_size, n_cols)
+        pad = {"rows": max(0, s_size - m), "cols": max(0, n_cols - n)}
+        entry["padded"] = pad
+        result.padded.append({"name": s_name, "role": role, **pad})
+    sel = reduce_part(settings.reduce, role, t_sens.float(), s_size, n_cols, units,
+                      seed=_module_seed(settings.seed, setup.index))
+    setup.index += 1
+    entry.update({
+        "window": list(sel.window) if sel.window is not None else None,
+        "orientation": "[embedding dim, vocab] (transposed)" if spec.embedding
+        else "[out, in]",
+        **_rows_report(setup.s_arch, spec, setup.s_config, s_shape, role, "student"),
+        **_rows_report(setup.t_arch, t_spec, setup.t_config, setup.teacher_parts.shape, role,
+                       "teacher"),
+    })
+    return sel.take(t_part.float()), entry
+
+
+def _select_module(setup: _Setup, spec: ModuleSpec, s_layer: int | None
+                   ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Every role part of one student module (step 2): the selected teacher block, or zeros
+    for a role not transferred; and their report entries."""
+    s_arch, roles = setup.s_arch, set(setup.settings.modules)
+    t_roles = setup.t_arch.roles()
+    s_name = spec.param_name(s_arch.layers, s_layer)
+    s_shape = setup.student_shape(spec, s_layer)
+    parts, entries = {}, []
+    for role, s_size in s_arch.role_sizes(spec, setup.s_config, s_shape).items():
+        if role not in roles or role not in t_roles:
+            parts[role] = torch.zeros(s_size, s_shape[1], dtype=torch.float32)
+            continue
+        parts[role], entry = _select_part(setup, spec, s_name, s_shape, role, s_size, s_layer)
+        entries.append(entry)
+    return parts, entries
+
+
+def _factorize_module(setup: _Setup, spec: ModuleSpec, s_layer: int | None,
+                      parts: dict[str, torch.Tensor], entries: list[dict],
+                      device: torch.device | str | None) -> None:
+    """Fuse a module's parts in its row layout and factorize the block at rank r (step 3);
+    the factors and the entries go into the result."""
+    settings, s_arch = setup.settings, setup.s_arch
+    s_name = spec.param_name(s_arch.layers, s_layer)
+    block = s_arch.fuse(spec, setup.s_config, parts)
+    rank_fits(settings.rank, tuple(block.shape), s_name)
+    if device is not None:
+        block = block.to(device)
+    fac = factorize.factorize(block, settings.rank, settings.svd, seed=settings.seed)
+    for e in entries:
+        e["energy"] = fac.energy
+        e["svd"] = fac.svd
+    setup.result.entries.extend(entries)
+    setup.result.factors.append(ModuleFactors(spec, spec.module_name(s_arch.layers, s_layer),
+                                              fac.B.cpu(), fac.A.cpu(), fac.energy))
+
+
+def _add_standard(setup: _Setup) -> None:
+    """PEFT's standard init for the modules with nothing to transfer (step 4), each seeded
+    apart from the transferred ones."""
+    settings, s_arch, n_student = setup.settings, setup.s_arch, setup.n_student
+    for k, spec in enumerate(setup.standard):
+        for s_layer in (range(n_student) if spec.in_layer else [None]):
+            setup.result.factors.append(standard_factors(
+                spec, spec.module_name(s_arch.layers, s_layer), setup.student_shape(spec, s_layer),
+                settings.rank,
+                _module_seed(settings.seed, -(1 + k * max(n_student, 1) + (s_layer or 0)))))
+
+
 def extract(
     teacher: torch.nn.Module | TeacherWeights,
     student: torch.nn.Module,
@@ -243,98 +400,16 @@ def extract(
     aligned: pass both tokenizers, or `vocab` from `vocabulary_for`; with neither, the two
     vocabularies must be one. Blocks are factorized on `device` (a GPU, when there is one, is
     much faster at it), on the CPU when None; the factors come back to the CPU.
+
+    The steps: plan the modules and select the teacher layers (`_setup`) → per student module,
+    select each role's block (`_select_module`) → fuse and factorize it (`_factorize_module`)
+    → the standard init for the rest (`_add_standard`).
     """
-    weights = as_teacher_weights(teacher)
-    t_arch, s_arch = arch_for(weights.config), arch_for(student)
-    t_config, s_config = weights.config, student.config
-    s_params = dict(student.named_parameters(remove_duplicate=False))
-    n_teacher = t_arch.count_layers(weights.keys())
-    n_student = s_arch.num_layers(student)
-    from paratransfer.sensitivity.accumulate import layer_scores
-
-    roles = set(settings.modules)
-    specs, standard, skipped = _plan(t_arch, s_arch, student, roles)
-    if vocab is None:
-        vocab = vocabulary_for(t_config, student, settings, teacher_tokenizer, student_tokenizer)
-    scores = layer_scores(sensitivity, t_arch.layer_of, n_teacher)
-    selected = align.select_layers(settings.layers, scores, n_student, seed=settings.seed)
-    result = Extraction(factors=[], selected_layers=selected, layer_scores=scores,
-                        skipped=skipped, vocab=vocab.report() if vocab is not None else None,
-                        layer_rule=align.layer_rule(settings.layers, n_teacher, n_student))
-    t_roles = t_arch.roles()
-    heads = None
-    if align.REDUCERS[settings.reduce].head_aware:
-        heads = (t_arch.heads(t_config), s_arch.heads(s_config))
-
-    teacher_parts = _TeacherParts(weights, t_arch, sensitivity)
-    index = 0
-    for spec in specs:
-        for s_layer in (range(n_student) if spec.in_layer else [None]):
-            t_layer = selected[s_layer] if s_layer is not None else None
-            s_name = spec.param_name(s_arch.layers, s_layer)
-            s_shape = tuple(spec.to_linear(s_params[s_name]).shape)
-            n_cols = s_shape[1]
-            parts, entries = {}, []
-            for role, s_size in s_arch.role_sizes(spec, s_config, s_shape).items():
-                if role not in roles or role not in t_roles:
-                    parts[role] = torch.zeros(s_size, n_cols, dtype=torch.float32)
-                    continue
-                t_spec, t_name, t_part, t_sens = teacher_parts.get(role, t_layer)
-                where = f"{s_name} ({role}) from {t_name}"
-                t_shape = tuple(t_part.shape)
-                entry = {
-                    "name": s_name,
-                    "role": role,
-                    "teacher_name": t_name,
-                    "teacher_layer": t_layer,
-                    "student_layer": s_layer,
-                    "teacher_shape": list(t_shape),
-                    "student_shape": [s_size, n_cols],
-                }
-                if role in VOCAB_DIM:
-                    dim = VOCAB_DIM[role]
-                    if not vocab.is_identity(t_shape[dim]):
-                        t_part, t_sens = vocab.gather(t_part, dim), vocab.gather(t_sens, dim)
-                        entry["vocab_gathered"] = True
-                units = (head_units(role, *heads, t_shape, (s_size, n_cols), where)
-                         if heads is not None else (1, 1))
-                m, n = t_part.shape
-                if m < s_size or n < n_cols:
-                    if not settings.allow_pad:
-                        raise UserError(f"{where}: teacher matrix {[m, n]} is smaller than the "
-                                        f"student's {[s_size, n_cols]} in some dimension (pass "
-                                        "--allow-pad to zero-pad it)")
-                    t_part, t_sens = _pad(t_part, s_size, n_cols), _pad(t_sens, s_size, n_cols)
-                    pad = {"rows": max(0, s_size - m), "cols": max(0, n_cols - n)}
-                    entry["padded"] = pad
-                    result.padded.append({"name": s_name, "role": role, **pad})
-                sel = reduce_part(settings.reduce, role, t_sens.float(), s_size, n_cols, units,
-                                  seed=_module_seed(settings.seed, index))
-                index += 1
-                parts[role] = sel.take(t_part.float())
-                entry.update({
-                    "window": list(sel.window) if sel.window is not None else None,
-                    "orientation": "[embedding dim, vocab] (transposed)" if spec.embedding
-                    else "[out, in]",
-                    **_rows_report(s_arch, spec, s_config, s_shape, role, "student"),
-                    **_rows_report(t_arch, t_spec, t_config, teacher_parts.shape, role, "teacher"),
-                })
-                entries.append(entry)
-            block = s_arch.fuse(spec, s_config, parts)
-            rank_fits(settings.rank, tuple(block.shape), s_name)
-            if device is not None:
-                block = block.to(device)
-            fac = factorize.factorize(block, settings.rank, settings.svd, seed=settings.seed)
-            for e in entries:
-                e["energy"] = fac.energy
-                e["svd"] = fac.svd
-            result.entries.extend(entries)
-            result.factors.append(ModuleFactors(spec, spec.module_name(s_arch.layers, s_layer),
-                                                fac.B.cpu(), fac.A.cpu(), fac.energy))
-    for k, spec in enumerate(standard):
-        for s_layer in (range(n_student) if spec.in_layer else [None]):
-            shape = tuple(spec.to_linear(s_params[spec.param_name(s_arch.layers, s_layer)]).shape)
-            result.factors.append(standard_factors(
-                spec, spec.module_name(s_arch.layers, s_layer), shape, settings.rank,
-                _module_seed(settings.seed, -(1 + k * max(n_student, 1) + (s_layer or 0)))))
-    return result
+    setup = _setup(as_teacher_weights(teacher), student, sensitivity, settings, vocab,
+                   teacher_tokenizer, student_tokenizer)
+    for spec in setup.specs:
+        for s_layer in (range(setup.n_student) if spec.in_layer else [None]):
+            parts, entries = _select_module(setup, spec, s_layer)
+            _factorize_module(setup, spec, s_layer, parts, entries, device)
+    _add_standard(setup)
+    return setup.result

@@ -1,13 +1,15 @@
 """Every choice of the extraction step; the defaults are the paper's. Each field is declared
 once with `setting`: `paratransfer extract`'s flags (and the extraction flags `stability`
-shares), the recipe's extraction keys and transfer.json's `settings` come from it. Standard
-library only at import, so `--help` reads it without torch; the checks import the registries
-they check against."""
+shares), the recipe's extraction keys and transfer.json's `settings` come from it. The strategy
+names in the help come from their registries (`strategies`, `factorize`), which import torch
+only when extraction runs, so `--help` reads them without torch."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from paratransfer.extract.factorize import DEFAULT_METHOD, FACTORIZERS, svd_help
+from paratransfer.extract.strategies import LAYER_SELECTORS, REDUCERS, layers_help, reduce_help
 from paratransfer.io.checks import finite_number, seed_number, whole_number
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import from_recipe_keys, setting
@@ -21,17 +23,12 @@ class ExtractSettings:
 
     rank: int = setting(16, "LoRA rank r (default {default})", recipe=True)
     alpha: float = setting(16.0, "LoRA alpha (default 16; scale alpha/r)", recipe=True)
-    layers: str = setting("sensitivity", "sensitivity|first|last|uniform|random|depth (a teacher "
-                          "shallower than the student is mapped by relative depth)", recipe=True)
-    reduce: str = setting("window", "window|window-heads|rows-cols|first|random (window-heads: "
-                          "q/k/v/o blocks start and end on attention-head boundaries)",
-                          recipe=True)
+    layers: str = setting("sensitivity", layers_help, recipe=True)
+    reduce: str = setting("window", reduce_help, recipe=True)
     modules: tuple[str, ...] = setting(
         ALL_MODULES, "groups (embed,attn,mlp,head) or roles (q,k,v,o,gate,up,down); default all",
         recipe=True, recipe_default="embed,attn,mlp,head", parse=lambda text: tuple(text.split(",")))
-    svd: str = setting("auto", "auto (randomized block Krylov until the top-r singular values "
-                       "and the residual are certified, else exact), exact (economy SVD), "
-                       "randomized (fixed sketch, unchecked); default auto", recipe=True)
+    svd: str = setting(DEFAULT_METHOD, svd_help, recipe=True)
     #: A recipe's `seeds` list drives it, not a key.
     seed: int = setting(0, "seed for the random strategies")
     dropout: float = setting(0.05, "LoRA dropout recorded in the adapter", recipe=True)
@@ -43,8 +40,6 @@ class ExtractSettings:
 
     def __post_init__(self) -> None:
         from paratransfer.arch import parse_roles
-        from paratransfer.extract import factorize
-        from paratransfer.extract import strategies as align
 
         object.__setattr__(self, "rank", whole_number("--rank", self.rank, 1))
         object.__setattr__(self, "seed", seed_number("--seed", self.seed))
@@ -59,15 +54,15 @@ class ExtractSettings:
             raise UserError(f"--min-vocab-coverage: must be in [0, 1] "
                             f"(got {self.min_vocab_coverage})")
         object.__setattr__(self, "modules", parse_roles(self.modules))
-        if self.layers not in align.LAYER_SELECTORS:
+        if self.layers not in LAYER_SELECTORS:
             raise UserError(f"--layers: unknown strategy {self.layers!r} "
-                            f"(expected one of: {', '.join(align.LAYER_SELECTORS)})")
-        if self.reduce not in align.REDUCTIONS:
+                            f"(expected one of: {', '.join(LAYER_SELECTORS)})")
+        if self.reduce not in REDUCERS:
             raise UserError(f"--reduce: unknown strategy {self.reduce!r} "
-                            f"(expected one of: {', '.join(align.REDUCTIONS)})")
-        if self.svd not in factorize.FACTORIZERS:
+                            f"(expected one of: {', '.join(REDUCERS)})")
+        if self.svd not in FACTORIZERS:
             raise UserError(f"--svd: unknown method {self.svd!r} "
-                            f"(expected one of: {', '.join(factorize.FACTORIZERS)})")
+                            f"(expected one of: {', '.join(FACTORIZERS)})")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "modules": list(self.modules)}

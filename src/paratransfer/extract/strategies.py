@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from paratransfer.io.errors import UserError
+
+# The registries' names and help are read by `paratransfer --help` (the extraction flags),
+# which must not wait for torch: the functions import it when extraction calls them.
+if TYPE_CHECKING:
+    import torch
 
 # float64 elements converted per block when a float32 sensitivity is summed: torch's own
 # float64-accumulating reductions over float32 input are ~5x slower than converting
@@ -57,6 +61,8 @@ def _sliding_along_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
     First window summed, the others by a cumulative sum of (entering - leaving) entries, so the
     cumsum runs over n-cols+1 columns rather than n; float32 input is widened block by block.
     """
+    import torch
+
     m, n = x.shape
     out = torch.empty(m, n - cols + 1, dtype=torch.float64)
     step = _blocks(x)
@@ -69,6 +75,8 @@ def _sliding_along_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
 
 def _sliding_along_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """Every column's sums of `rows` consecutive entries, float64 [m-rows+1, n] (same scheme)."""
+    import torch
+
     m, n = x.shape
     out = torch.empty(m - rows + 1, n, dtype=torch.float64)
     step = _blocks(x)
@@ -101,6 +109,8 @@ def window_sums(sens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def best_window(sens: torch.Tensor, rows: int, cols: int) -> tuple[int, int]:
     """Top-left (row, col) of the most sensitive rows x cols block; ties -> first row-major."""
+    import torch
+
     sums = window_sums(sens, rows, cols)
     flat = sums.view(-1)
     index = int(torch.argmax(flat))  # argmax returns the first maximum, i.e. row-major ties
@@ -130,6 +140,8 @@ class Selection:
 
 def _contiguous(row: int, col: int, rows: int, cols: int) -> Selection:
     """Selection of the rows x cols block whose top-left corner is (row, col)."""
+    import torch
+
     return Selection(
         rows=torch.arange(row, row + rows, dtype=torch.int64),
         cols=torch.arange(col, col + cols, dtype=torch.int64),
@@ -139,6 +151,8 @@ def _contiguous(row: int, col: int, rows: int, cols: int) -> Selection:
 
 def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores in ascending index order; ties -> lower index first."""
+    import torch
+
     order = torch.sort(scores, descending=True, stable=True).indices
     return order[:k].sort().values.to(torch.int64)
 
@@ -154,6 +168,8 @@ def _reduce_rows_cols(
     sens: torch.Tensor, rows: int, cols: int, generator: torch.Generator
 ) -> Selection:
     """Ablation: most sensitive rows and columns (by mean) independently, in original order."""
+    import torch
+
     _check_shapes(sens, rows, cols)
     sens64 = sens.to(torch.float64)
     return Selection(
@@ -175,6 +191,8 @@ def _reduce_random(
     sens: torch.Tensor, rows: int, cols: int, generator: torch.Generator
 ) -> Selection:
     """Ablation: random rows and random columns (each kept in ascending order)."""
+    import torch
+
     _check_shapes(sens, rows, cols)
     m, n = sens.shape
     picked_rows = torch.randperm(m, generator=generator)[:rows].sort().values
@@ -192,6 +210,8 @@ def best_window_aligned(sens: torch.Tensor, rows: int, cols: int, row_unit: int 
     With a unit that divides both the teacher dimension and the block size, the block starts
     and ends on unit boundaries (attention heads, for `window-heads`). Ties -> first row-major.
     """
+    import torch
+
     _check_shapes(sens, rows, cols)
     m, n = sens.shape
     for unit, size, full, what in ((row_unit, rows, m, "rows"), (col_unit, cols, n, "columns")):
@@ -217,7 +237,7 @@ def reduce_window_heads(sens: torch.Tensor, rows: int, cols: int, row_unit: int 
     return _contiguous(*best_window_aligned(sens, rows, cols, row_unit, col_unit), rows, cols)
 
 
-Reducer = Callable[[torch.Tensor, int, int, torch.Generator], Selection]
+Reducer = Callable[["torch.Tensor", int, int, "torch.Generator"], Selection]
 
 
 @dataclass(frozen=True)
@@ -225,23 +245,30 @@ class Reduction:
     """A `--reduce` strategy: (sensitivity, rows, cols, generator, units) -> the block.
 
     `head_aware` ones use `units`, the (row, column) steps that keep block sides on attention
-    heads; extraction gives them q, k, v, o and uses `window` for every other role.
+    heads; extraction gives them q, k, v, o and uses `window` for every other role. `window`
+    ones search for the most sensitive contiguous block (so `stability` can compare the
+    blocks of two seed sets); `help` is what `--help` says of it beyond its name.
     """
 
     pick: Callable[[torch.Tensor, int, int, torch.Generator, tuple[int, int]], Selection]
     head_aware: bool = False
+    window: bool = False
+    help: str = ""
 
 
-def _plain(reducer: Reducer) -> Reduction:
+def _plain(reducer: Reducer, **more) -> Reduction:
     """A reduction that needs no head layout (the units are ignored)."""
-    return Reduction(lambda sens, rows, cols, generator, units: reducer(sens, rows, cols, generator))
+    return Reduction(lambda sens, rows, cols, generator, units: reducer(sens, rows, cols, generator),
+                     **more)
 
 
 #: Every `--reduce` strategy, by the name a user types.
 REDUCERS: dict[str, Reduction] = {
-    "window": _plain(_reduce_window),
+    "window": _plain(_reduce_window, window=True),
     "window-heads": Reduction(lambda sens, rows, cols, generator, units:
-                              reduce_window_heads(sens, rows, cols, *units), head_aware=True),
+                              reduce_window_heads(sens, rows, cols, *units), head_aware=True,
+                              window=True,
+                              help="q/k/v/o blocks start and end on attention-head boundaries"),
     "rows-cols": _plain(_reduce_rows_cols),
     "first": _plain(_reduce_first),
     "random": _plain(_reduce_random),
@@ -252,6 +279,8 @@ REDUCTIONS: tuple[str, ...] = tuple(REDUCERS)
 
 def _generator(seed: int) -> torch.Generator:
     """A private CPU generator, so random strategies never touch the global RNG."""
+    import torch
+
     return torch.Generator().manual_seed(seed)
 
 
@@ -306,6 +335,8 @@ def _layers_uniform(scores: Sequence[float], k: int, generator: torch.Generator)
 
 def _layers_random(scores: Sequence[float], k: int, generator: torch.Generator) -> list[int]:
     """Ablation: k distinct random layers in original order."""
+    import torch
+
     return sorted(torch.randperm(len(scores), generator=generator)[:k].tolist())
 
 
@@ -317,7 +348,7 @@ def _layers_depth(scores: Sequence[float], k: int, generator: torch.Generator) -
     return _layers_uniform(scores, k, generator)
 
 
-LayerSelector = Callable[[Sequence[float], int, torch.Generator], list[int]]
+LayerSelector = Callable[[Sequence[float], int, "torch.Generator"], list[int]]
 
 LAYER_SELECTORS: dict[str, LayerSelector] = {
     "sensitivity": _layers_by_sensitivity,
@@ -332,6 +363,18 @@ LAYER_SELECTORS: dict[str, LayerSelector] = {
 #: (`depth`): with fewer teacher layers than student layers there is nothing to select, every
 #: teacher layer is used. The others pick k distinct layers and refuse such a teacher.
 MAPS_SHALLOWER_TEACHER = ("sensitivity", "uniform", "depth")
+
+
+def layers_help() -> str:
+    """`--layers`' help: every strategy's name, and which map a shallower teacher by depth."""
+    return (f"{'|'.join(LAYER_SELECTORS)} (with a teacher shallower than the student, "
+            f"{', '.join(MAPS_SHALLOWER_TEACHER)} map it by relative depth)")
+
+
+def reduce_help() -> str:
+    """`--reduce`' help: every strategy's name, and what those with a help say."""
+    notes = "; ".join(f"{name}: {r.help}" for name, r in REDUCERS.items() if r.help)
+    return "|".join(REDUCERS) + (f" ({notes})" if notes else "")
 
 
 def layer_rule(strategy: str, n_teacher: int, k: int) -> str:

@@ -34,6 +34,9 @@ MOVED: dict[str, tuple[str, ...]] = {
     "recipe": ("experiment.recipe",), "preflight": ("experiment.preflight",),
     "results": ("experiment.results",), "plots": ("extract.plots",),
     "tiny": ("demo.tiny",),
+    # each task in one module of tasks/ (data source format, prompt and score together)
+    "evaluate.gsm": ("tasks.gsm",), "evaluate.mmlu": ("tasks.mmlu",),
+    "evaluate.super_ni": ("tasks.super_ni",), "evaluate.open": ("tasks.open",),
 }
 
 _ROOT = "paratransfer."

@@ -13,18 +13,22 @@ from typing import Any
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str}
 
 
-def setting(default: Any, help: str, *, flag: bool = True, recipe: bool = False,
+def setting(default: Any, help: str | Callable[[], str], *, flag: bool = True, recipe: bool = False,
             recipe_default: Any = dataclasses.MISSING, recipe_name: str | None = None,
-            parse: Callable[[str], Any] | None = None, **cli: Any) -> Any:
-    """A settings field. `help` may name `{default}`; `recipe_default` is the recipe key's
+            flag_as: str | None = None, parse: Callable[[str], Any] | None = None,
+            **cli: Any) -> Any:
+    """A settings field. `help` may name `{default}`, and may be a function giving the text
+    when the flags are made (help listing a registry's names reads the registry then); `recipe_default` is the recipe key's
     default when it differs from the field's (e.g. a boolean standing for a path);
     `recipe_name` is the recipe key when two steps' fields share a name with different
-    meanings (evaluation's `batch_size` is the recipe's `eval_batch_size`); `parse` turns the
-    flag's text into the value (default: from the field's annotation; a `bool` field is a
-    switch); `cli` goes to `add_argument` (choices, metavar)."""
+    meanings (evaluation's `batch_size` is the recipe's `eval_batch_size`); `flag_as` is the
+    flag's name when it is not the field's (LaTen's `roles` is `--modules`, as extraction's
+    and training's are); `parse` turns the flag's text into the value (default: from the
+    field's annotation; a `bool` field is a switch); `cli` goes to `add_argument` (choices,
+    metavar)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "flag": flag, "recipe": recipe, "recipe_default": recipe_default,
-        "recipe_name": recipe_name, "parse": parse, "cli": cli})
+        "recipe_name": recipe_name, "flag_as": flag_as, "parse": parse, "cli": cli})
 
 
 def flag_fields(cls, only: tuple[str, ...] | None = None) -> list[dataclasses.Field]:
@@ -35,7 +39,8 @@ def flag_fields(cls, only: tuple[str, ...] | None = None) -> list[dataclasses.Fi
 
 
 def flag_name(f: dataclasses.Field) -> str:
-    return "--" + f.name.replace("_", "-")
+    """The flag of a field: `--` and its name with dashes, unless it declares another."""
+    return "--" + (f.metadata.get("flag_as") or f.name).replace("_", "-")
 
 
 def add_setting_flags(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
@@ -43,12 +48,17 @@ def add_setting_flags(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | N
     default, type and help."""
     for f in flag_fields(cls, only):
         meta = f.metadata
-        text = meta["help"].format(default=f.default)
+        text = (meta["help"]() if callable(meta["help"]) else meta["help"]).format(
+            default=f.default)
         if str(f.type) == "bool" and meta["parse"] is None:
-            p.add_argument(flag_name(f), action="store_true", help=text, **meta["cli"])
+            p.add_argument(flag_name(f), action="store_true", dest=f.name, help=text,
+                           **meta["cli"])
             continue
         kind = meta["parse"] or _TYPES[str(f.type).split(" |")[0]]
-        p.add_argument(flag_name(f), type=kind, default=f.default, help=text, **meta["cli"])
+        cli = meta["cli"]
+        if meta.get("flag_as"):  # shown as the flag's name, not the field's
+            cli = {"metavar": meta["flag_as"].upper(), **cli}
+        p.add_argument(flag_name(f), type=kind, default=f.default, dest=f.name, help=text, **cli)
 
 
 def from_args(cls, args: argparse.Namespace, only: tuple[str, ...] | None = None, **more: Any):

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from paratransfer.io.errors import UserError
+from paratransfer.io.settings import from_recipe_keys, setting
+from paratransfer.tasks.examples import prompt_formats_help
 
 #: The roles LaTen transfers: rows of up and v, columns of down and o (the published choice).
 LATEN_ROLES: tuple[str, ...] = ("up", "down", "v", "o")
@@ -13,24 +15,41 @@ LATEN_ROLES: tuple[str, ...] = ("up", "down", "v", "o")
 ROW_ROLES = frozenset({"up", "v", "gate", "q", "k"})
 
 
+def _roles(text: str) -> tuple[str, ...]:
+    """`--modules up,down` -> ("up", "down")."""
+    return tuple(r.strip() for r in text.split(",") if r.strip())
+
+
 @dataclass(frozen=True)
 class LatenSettings:
-    """How LaTen locates, aligns and injects; recorded in `laten.json`."""
+    """How LaTen locates, aligns and injects; recorded in `laten.json`.
 
-    rate: float = 0.1  # share of each student module's neurons located (and of the teacher's count)
-    steps: int = 8  # translator optimizer steps, one locating example each
-    batch: int = 16  # examples per step: the locating example + batch-1 drawn from the data
-    lr: float = 3e-5  # peak learning rate (the README's; the shell script passes 3e-4)
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup: float = 0.1  # share of the steps spent rising from lr/25 to lr (one-cycle)
-    reg_weight: float = 1000.0  # weight of mean(Δ²), the size of what the translator adds
-    init_std: float = 1e-5  # translator weights ~ N(0, init_std)
-    roles: tuple[str, ...] = LATEN_ROLES
-    seed: int = 42
-    prompt_format: str = "tulu"
-    max_length: int = 1024
+    Each field is declared once with `setting`: `paratransfer laten`'s flags, the recipe's
+    `laten_*` keys and `laten.json`'s `settings` come from it. A recipe's `seeds` list gives
+    the seed, and its `prompt_format` and `max_length` (the sensitivity step's keys) the rest."""
+
+    rate: float = setting(0.1, "share of each student module's neurons located (default "
+                          "{default})", recipe=True, recipe_name="laten_rate")  # and of the teacher's count
+    steps: int = setting(8, "translator training steps (default {default})", recipe=True,
+                         recipe_name="laten_steps")  # one locating example each
+    batch: int = setting(16, "examples per step, the locating one included (default {default})",
+                         recipe=True, recipe_name="laten_batch")  # + batch-1 drawn from the data
+    lr: float = setting(3e-5, "peak learning rate, one-cycle schedule (default {default:g})",
+                        recipe=True, recipe_name="laten_lr")  # the README's; the script's 3e-4
+    weight_decay: float = setting(0.05, "AdamW weight decay", flag=False)
+    beta1: float = setting(0.9, "AdamW beta1", flag=False)
+    beta2: float = setting(0.95, "AdamW beta2", flag=False)
+    warmup: float = setting(0.1, "share of the steps spent rising from lr/25 to lr (one-cycle)",
+                            flag=False)
+    reg_weight: float = setting(1000.0, "weight of the mean square of what is added (default "
+                                "{default:g})")  # mean(Δ²), the size of what the translator adds
+    init_std: float = setting(1e-5, "translator weights ~ N(0, init_std)", flag=False)
+    roles: tuple[str, ...] = setting(
+        LATEN_ROLES, f"roles to transfer, some of {','.join(LATEN_ROLES)} (default all)",
+        flag_as="modules", parse=_roles)
+    seed: int = setting(42, "seed (default {default})")
+    prompt_format: str = setting("tulu", prompt_formats_help)
+    max_length: int = setting(1024, "truncate examples to this many tokens (default {default})")
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate, (int, float)) and 0.0 < self.rate <= 1.0):
@@ -63,9 +82,8 @@ class LatenSettings:
     def from_recipe(cls, s: dict, seed: int) -> LatenSettings:
         """From a recipe's (or arm's) settings: `laten_*` keys, the recipe's prompt format and
         truncation, the run's seed."""
-        return cls(rate=s["laten_rate"], steps=s["laten_steps"], batch=s["laten_batch"],
-                   lr=s["laten_lr"], seed=seed, prompt_format=s["prompt_format"],
-                   max_length=s["max_length"])
+        return from_recipe_keys(cls, s, seed=seed, prompt_format=s["prompt_format"],
+                                max_length=s["max_length"])
 
     def record(self) -> dict:
         """The settings as `laten.json` keeps them."""

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import from_recipe_keys, setting
+from paratransfer.tasks.examples import prompt_formats_help
 
 
 @dataclass(frozen=True)
 class SensitivitySettings:
     """How seed samples become sensitivity; recorded in the file's metadata."""
 
-    prompt_format: str = setting("tulu", "tulu (docs/method.md §1) or chat-template", recipe=True)
+    prompt_format: str = setting("tulu", prompt_formats_help, recipe=True)
     max_length: int = setting(2048, "truncate samples to this many tokens", recipe=True)
     max_samples: int | None = setting(None, "use at most this many seed samples", recipe=True)
 

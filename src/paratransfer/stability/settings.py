@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from paratransfer.extract.strategies import REDUCERS
 from paratransfer.io.checks import seed_number, whole_number
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import from_recipe_keys, recipe_keys, setting
@@ -14,8 +15,8 @@ from paratransfer.io.settings import from_recipe_keys, recipe_keys, setting
 #: Seed-set sizes drawn when none are given (those below the pool size).
 DEFAULT_SIZES = (8, 16, 32, 64)
 DEFAULT_DRAWS = 20
-#: Reductions whose choice is a window, so that window IoU is defined.
-WINDOW_REDUCTIONS = ("window", "window-heads")
+#: Reductions whose choice is a window, so that window IoU is defined (the registry says which).
+WINDOW_REDUCTIONS = tuple(name for name, r in REDUCERS.items() if r.window)
 
 
 def parse_sizes(text: str | None) -> tuple[int, ...] | None:

@@ -265,6 +265,12 @@ PROMPT_FORMATS: dict[str, Callable[[tuple[dict[str, str], ...], Any], tuple[str,
 }
 
 
+def prompt_formats_help(about_tulu: str = "") -> str:
+    """`--prompt-format`'s help: every format's name, tulu's with where it is described."""
+    return " or ".join(f"{name} (docs/method.md §1{about_tulu})" if name == "tulu" else name
+                       for name in PROMPT_FORMATS)
+
+
 def _prompt_format(name: str):
     """The registered prompt-format function, or a UserError naming the known ones."""
     try:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from paratransfer.io.checks import finite_number, seed_number, whole_number
 from paratransfer.io.errors import UserError
 from paratransfer.io.settings import setting
+from paratransfer.tasks.examples import prompt_formats_help
 from paratransfer.train.inits import INITS
 
 #: Settings that may differ between a run and its resumption (they do not change the result).
@@ -21,8 +22,8 @@ class TrainSettings:
     Each field is declared once with `setting`: `paratransfer train`'s flags and the recipe's
     `train` keys come from these fields."""
 
-    init: str = setting("transfer", "; ".join(f"{i.name}: {i.help}" for i in INITS.values()),
-                        recipe=True, choices=list(INITS))  # a name in train/inits.py
+    init: str = setting("transfer", lambda: "; ".join(f"{i.name}: {i.help}" for i in INITS.values()),
+                        recipe=True, choices=INITS)  # a name in train/inits.py, read when parsing
     epochs: int = setting(3, "default {default}", recipe=True)
     lr: float = setting(3e-4, "peak learning rate (default {default})", recipe=True)
     batch_size: int = setting(64, "effective batch over all processes (default {default})",
@@ -45,7 +46,7 @@ class TrainSettings:
                                    "off", flag=False)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", flag=False)
     adam_eps: float = setting(1e-8, "AdamW epsilon", flag=False)
-    prompt_format: str = setting("tulu", "tulu (docs/method.md §1) or chat-template")
+    prompt_format: str = setting("tulu", prompt_formats_help)
     checkpoint_every: int = setting(10, "steps between checkpoints (default {default})",
                                     recipe=True)
     eval_every: int | None = setting(None, "steps between held-out losses (default: about ten "

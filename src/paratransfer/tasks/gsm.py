@@ -5,6 +5,9 @@ assistant "Answer: ... So the answer is N.") and original GSM8K records (`questi
 ending in `#### N`); both become the chat records' prompt, so a model trained on them is asked
 the way it was taught. With `--shots K`, K worked examples come first, Open-Instruct style:
 "Answer the following questions.\\n\\nQuestion: q1\\nAnswer: ...\\n\\n...Question: q".
+
+Data source (`paratransfer data gsm`, at the end): GSM8K rows (`question`, `answer` ending in
+`#### N`) become the chat records above.
 """
 
 from __future__ import annotations
@@ -12,8 +15,20 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from paratransfer.evaluate import BadExample, Item, ShotPool, Task, last_user, with_turns
 from paratransfer.tasks.examples import Example
+from paratransfer.tasks.task import (
+    BadExample,
+    BadRow,
+    Field,
+    Item,
+    ShotPool,
+    Task,
+    TaskFormat,
+    chat,
+    last_user,
+    text,
+    with_turns,
+)
 
 INSTRUCTION = "Answer the following question.\n\n"
 INSTRUCTION_SHOTS = "Answer the following questions.\n\n"
@@ -146,7 +161,7 @@ def fixed_shots() -> ShotPool:
             {"role": "user", "content": f"{INSTRUCTION}Question: {question}"},
             {"role": "assistant", "content": answer}))
         items.append(to_item(example))
-    return ShotPool(tuple(items), "the fixed worked examples (paratransfer.evaluate.gsm)")
+    return ShotPool(tuple(items), "the fixed worked examples (paratransfer.tasks.gsm)")
 
 
 GSM = Task(
@@ -159,3 +174,54 @@ GSM = Task(
     add_shots=add_shots,
     fixed_shots=fixed_shots,
 )
+
+
+# --------------------------------------------------------------------------- data source
+
+
+def gsm_answer(answer: str) -> str:
+    """A GSM8K solution as the paper's training data writes it.
+
+    Rule derived by comparing the reference's 1,032 GSM records with GSM8K's train split
+    (all match): drop the `<<...>>` annotations, strip the steps, turn line breaks into spaces,
+    end them with "." if they don't, then add "So the answer is N." with N as written after
+    `####` (commas kept), and put "Answer: " in front. An answer without `####` is kept as one
+    line after "Answer: " and must contain a number (the final number is the gold one).
+    """
+    if "####" in answer:
+        steps, final = answer.rsplit("####", 1)
+        final = final.strip()
+        if not final:
+            raise BadRow('answer has nothing after "####" (expected the final number)')
+        steps = CALCULATOR.sub("", steps).strip().replace("\n", " ")
+        if steps and not steps.endswith("."):
+            steps += "."
+        text = f"{steps} So the answer is {final}." if steps else f"So the answer is {final}."
+    else:
+        text = answer.strip().replace("\n", " ")
+        if not re.search(r"\d", text):
+            raise BadRow('answer has no number (expected a solution ending in "#### N" or a number)')
+    return text if text.startswith("Answer:") else f"Answer: {text}"
+
+
+def _gsm(row: dict) -> list[dict[str, str]]:
+    return chat(f"{INSTRUCTION}Question: {text(row, 'question')}",
+                 gsm_answer(text(row, "answer")))
+
+
+FORMAT = TaskFormat(
+    name="gsm",
+    description="GSM8K math word problems: worked answers ending 'So the answer is N.'",
+    fields=(Field("question", "question", "the word problem"),
+            Field("answer", "answer", 'the worked solution ending in "#### N"')),
+    messages=_gsm,
+    evaluate_task="gsm",
+    train_split="train",
+    eval_split="test",
+    hub_id="openai/gsm8k",
+    hub_config="main",
+)
+
+#: What this module declares (`tasks/registry.py` registers it).
+TASK = GSM
+FORMATS = (FORMAT,)

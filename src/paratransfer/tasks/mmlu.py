@@ -6,22 +6,31 @@ bare letter ("C", the seed sets) or with "The answer is: C" (the training sets, 
 writes them); the prompt continues the way the record's own answer does, so a model is scored
 on the very token it was taught to produce there. With `--shots K`, the first K records of the
 same subject in `--shots-data` come first, Open-Instruct style ("...\\nAnswer: C\\n\\n").
+
+Data source (`paratransfer data mmlu`, at the end): MMLU rows (`question`, `choices`, `answer`,
+`subject`) become the records above, in Open-Instruct's prompt.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from paratransfer.evaluate import (
+from paratransfer.tasks.examples import Example
+from paratransfer.tasks.task import (
     BadExample,
+    BadRow,
+    Field,
     Item,
     ShotPool,
     Task,
+    TaskFormat,
     category_of,
+    chat,
     last_user,
+    text,
     with_turns,
 )
-from paratransfer.tasks.examples import Example
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -111,3 +120,56 @@ MMLU = Task(
     generates=False,
     add_shots=add_shots,
 )
+
+
+# --------------------------------------------------------------------------- data source
+
+
+def _letter(value: Any) -> str:
+    """The gold letter from a class label 0-3 or a letter A-D."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(LETTERS):
+        return LETTERS[value]
+    if isinstance(value, str) and value.strip() in LETTERS:
+        return value.strip()
+    raise BadRow(f"answer is {value!r} (expected 0-3 or a letter A-D)")
+
+
+def _mmlu(row: dict) -> list[dict[str, str]]:
+    """Open-Instruct's MMLU prompt: subject header, question, "A. ..." to "D. ...", "Answer:"."""
+    choices = row["choices"]
+    if (not isinstance(choices, list) or len(choices) != len(LETTERS)
+            or not all(isinstance(c, str) for c in choices)):
+        raise BadRow(f"choices is {type(choices).__name__} of {len(choices) if isinstance(choices, list) else '?'}"
+                     f" (expected a list of {len(LETTERS)} strings)")
+    letter = _letter(row["answer"])
+    options = "".join(f"\n{lt}. {c}" for lt, c in zip(LETTERS, choices, strict=True))
+    user = f"{header_for(text(row, 'subject'))}{text(row, 'question')}{options}\nAnswer:"
+    return chat(user, f"The answer is: {letter}")
+
+
+def _mmlu_seed_answer(answer: str) -> str:
+    """The seed sets answer with the bare letter (the method's note on MMLU seeds)."""
+    return answer.removeprefix("The answer is:").strip()
+
+
+FORMAT = TaskFormat(
+    name="mmlu",
+    description="MMLU multiple choice A-D: 'The answer is: X' (seeds: the bare letter)",
+    fields=(Field("question", "question", "the question"),
+            Field("choices", "choices", "the four options, in A-D order"),
+            Field("answer", "answer", "the gold option: 0-3 or A-D"),
+            Field("subject", "subject", "the subject, e.g. college_biology (the record's category)")),
+    messages=_mmlu,
+    evaluate_task="mmlu",
+    # MMLU has no training split of its own; the paper's pool comes from dev and validation.
+    train_split="dev+validation",
+    eval_split="test",
+    hub_id="cais/mmlu",
+    hub_config="all",
+    extra=lambda row: {"category": row["subject"]},
+    seed_answer=_mmlu_seed_answer,
+)
+
+#: What this module declares (`tasks/registry.py` registers it).
+TASK = MMLU
+FORMATS = (FORMAT,)

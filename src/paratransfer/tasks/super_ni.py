@@ -6,6 +6,9 @@ the `rouge-score` package with Porter stemming. One difference, on purpose: its 
 tokenizer keeps only `[a-z0-9]`, which scores every answer in Arabic, Turkish, Chinese ... as
 0 even when exact (the benchmark has many translation tasks); ours keeps letters and digits of
 every script and is identical to the default on ASCII text.
+
+Data source (`paratransfer data super_ni`, at the end): Super-NaturalInstructions rows
+(definition, worked examples, input, output) become the records scored here.
 """
 
 from __future__ import annotations
@@ -14,8 +17,18 @@ import functools
 import re
 import string
 
-from paratransfer.evaluate import BadExample, Item, Task, last_user
 from paratransfer.tasks.examples import Example
+from paratransfer.tasks.task import (
+    BadExample,
+    BadRow,
+    Field,
+    Item,
+    Task,
+    TaskFormat,
+    chat,
+    last_user,
+    text,
+)
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, any script
@@ -85,3 +98,47 @@ SUPER_NI = Task(
     score=score,
     max_new_tokens=128,
 )
+
+
+# --------------------------------------------------------------------------- data source
+
+
+#: Worked examples put before the input when the row has them (the reference records have 2).
+SUPER_NI_EXAMPLES = 2
+
+
+def _super_ni(row: dict) -> list[dict[str, str]]:
+    """Definition, up to two worked examples, then the input, as "Input:\\n...\\nOutput:\\n"."""
+    parts = [text(row, "definition").strip(), "\n\n"]
+    examples = row.get("examples") or []
+    if not isinstance(examples, list):
+        raise BadRow(f"examples is {type(examples).__name__} (expected a list of {{input, output}})")
+    for i, ex in enumerate(examples[:SUPER_NI_EXAMPLES]):
+        if not isinstance(ex, dict) or not {"input", "output"} <= set(ex):
+            raise BadRow(f"examples[{i}] is not an object with input and output")
+        try:
+            parts.append(f"Input:\n{text(ex, 'input')}\nOutput:\n{text(ex, 'output')}\n\n")
+        except BadRow as e:
+            raise BadRow(f"examples[{i}]: {e}") from None
+    parts.append(f"Input:\n{text(row, 'input')}\nOutput:\n")
+    return chat("".join(parts), text(row, "output"))
+
+
+FORMAT = TaskFormat(
+    name="super_ni",
+    description="Super-NaturalInstructions: definition (+ worked examples) and input; output",
+    fields=(Field("definition", "definition", "the task definition"),
+            Field("input", "inputs", "the instance input"),
+            Field("output", "targets", "the reference output (the first, if a list)"),
+            Field("examples", None, "worked examples: a list of {input, output}", required=False)),
+    messages=_super_ni,
+    evaluate_task="super_ni",
+    train_split="train",
+    eval_split="test",
+    hub_id="Muennighoff/natural-instructions",
+    id_column="id",
+)
+
+#: What this module declares (`tasks/registry.py` registers it).
+TASK = SUPER_NI
+FORMATS = (FORMAT,)

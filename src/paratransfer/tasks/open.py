@@ -7,6 +7,9 @@ judge is asked twice, once with each output first, and reads its verdict as the 
 the next tokens "A" and "B" (no generation, nothing to parse). Each order casts one vote, so a
 judge that always prefers the first position scores every pair a tie (0.5), and comparing a run
 with itself gives exactly 0.5.
+
+Data source (`paratransfer data lima|open`, at the end): LIMA dialogues and any instruction
+data (a user and an answer column) become the records scored here.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from paratransfer.evaluate import Item, Task, super_ni
+from paratransfer.tasks import super_ni
 from paratransfer.tasks.examples import Example, render
+from paratransfer.tasks.task import BadRow, Field, Item, Task, TaskFormat, chat, text
 
 JUDGE_PROMPT = (
     "You are comparing two responses to the same instruction. Decide which response follows "
@@ -89,3 +93,57 @@ OPEN = Task(
     max_new_tokens=1024,
     compare=compare,
 )
+
+
+# --------------------------------------------------------------------------- data source
+
+
+def _lima(row: dict) -> list[dict[str, str]]:
+    """Turns alternate user, assistant, ...; a final user turn without an answer is dropped."""
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        raise BadRow("conversations is not a list of strings (expected user, assistant, ...)")
+    turns = turns[: len(turns) - len(turns) % 2]
+    if not turns:
+        raise BadRow("conversations has no answered turn (expected user, assistant, ...)")
+    return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+
+
+LIMA_FORMAT = TaskFormat(
+    name="lima",
+    description="LIMA dialogues: user and assistant turns, multi-turn kept",
+    fields=(Field("conversations", "conversations", "the turns: user, assistant, user, ..."),),
+    messages=_lima,
+    evaluate_task="open",
+    train_split="train",
+    eval_split="rest",  # LIMA's test split has no reference answers
+    hub_id="hf://datasets/GAIR/lima/train.jsonl",
+)
+
+
+def _open(row: dict) -> list[dict[str, str]]:
+    """user (+ a blank line and the input, when there is one) -> assistant."""
+    user = text(row, "user")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise BadRow(f"input is {type(extra).__name__} (expected text or absent)")
+    if extra and extra.strip():
+        user = f"{user}\n\n{extra}"
+    return chat(user, text(row, "assistant"))
+
+
+OPEN_FORMAT = TaskFormat(
+    name="open",
+    description="any instruction data: a user column (+ an optional input) and an answer column",
+    fields=(Field("user", "instruction", "the user turn"),
+            Field("assistant", "output", "the answer"),
+            Field("input", "input", "extra input appended to the user turn", required=False)),
+    messages=_open,
+    evaluate_task="open",
+    train_split="train",
+    eval_split="test",
+)
+
+#: What this module declares (`tasks/registry.py` registers it).
+TASK = OPEN
+FORMATS = (LIMA_FORMAT, OPEN_FORMAT)
