@@ -134,3 +134,21 @@ def test_run_measures_final_and_curve_mean_after_step_0(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps({"heldout_history": []}))
     assert run_measures(tmp_path) is None
     assert "task.heldout" in NO_HELDOUT
+
+
+def test_a_random_window_arm_gets_its_contrast_with_transfer(tmp_path):
+    """An arm named `random` (the demo study's `{reduce: random}`) is contrasted with transfer:
+    the paired difference over the seeds both ran, with its sentence."""
+    from paratransfer.experiment.results import contrasts
+
+    values = {"transfer": {1: 0.5, 2: 0.7, 3: 0.6}, "random": {1: 0.4, 2: 0.5, 3: 0.55}}
+    metrics = {}
+    for arm, by_seed in values.items():
+        for seed, value in by_seed.items():
+            path = tmp_path / f"{arm}-{seed}.json"
+            path.write_text(json.dumps({"value": value}))
+            metrics.setdefault(arm, {})[seed] = path
+    said = {c["contrast"]: c for c in contrasts([], metrics)}
+    got = said["transfer − random"]
+    assert got["n"] == 3 and abs(got["mean"] - (0.1 + 0.2 + 0.05) / 3) < 1e-12
+    assert got["sentence"].startswith("the sensitivity-chosen windows over random windows")

@@ -76,6 +76,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("transfer", "pissa", "the teacher's subspace over the student's own"),
     ("transfer", "eva", "the teacher over the student's own task data (EVA)"),
     ("transfer", "corda", "the teacher over the student's own task data (CorDA)"),
+    ("transfer", "random", "the sensitivity-chosen windows over random windows of the same layers"),
     ("distill", "lora", "distillation from the teacher"),
     ("transfer", "distill", "parametric transfer over distillation"),
     ("laten", "student", "LaTen's injection, without fine-tuning"),
