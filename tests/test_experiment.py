@@ -152,21 +152,36 @@ def test_paired_interval_oracle():
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_example_recipes_validate(path, tmp_path):
-    """Each example starts with the commands that make its data and run it, and validates once
-    `paratransfer data` has written the files it names (here: small stand-ins)."""
-    lines = path.read_text().splitlines()
-    data_line = next(line for line in lines if line.startswith("# paratransfer data "))
-    assert lines[:2] == [data_line, f"# paratransfer run examples/{path.name} --out runs/{path.stem}"]
-    out = data_line.split("--out ")[1].split()[0]
-    for name in ("seeds", "train", "eval"):
-        (tmp_path / out).mkdir(parents=True, exist_ok=True)
-        write_jsonl(tmp_path / out / f"{name}.jsonl", arithmetic_records(2))
+    """Each example starts with the commands that make its inputs and run it, and validates once
+    they have written the files it names (here: small stand-ins; local models from
+    `make real-models`, which links them into models/)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    commands = [line for line in lines if line.startswith("# ") and not line.startswith("#  ")]
+    data_lines = [line for line in commands if line.startswith("# paratransfer data ")]
+    assert data_lines, "no `paratransfer data` command in the header"
+    run = f"# paratransfer run examples/{path.name} --out runs/{path.stem}"
+    assert any(line == run or line.startswith(run + " ") for line in commands)
+    for data_line in data_lines:
+        out = tmp_path / data_line.split("--out ")[1].split()[0]
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("seeds", "train", "eval"):
+            write_jsonl(out / f"{name}.jsonl", arithmetic_records(2))
+    raw = yaml.safe_load(text)
+    for role in ("teacher", "student"):
+        if raw[role].startswith("../models/"):
+            assert "make real-models" in text  # the command that puts them there
+            (tmp_path / raw[role][3:]).parent.mkdir(exist_ok=True)
+            (tmp_path / raw[role][3:]).write_bytes(b"")
     (tmp_path / "examples").mkdir()
     copy = tmp_path / "examples" / path.name
-    copy.write_text(path.read_text())
+    copy.write_text(text)
     recipe = load_recipe(copy)
     assert "lora" in recipe.arms and "transfer" in recipe.arms
-    assert recipe.task.seeds.resolve() == (tmp_path / out / "seeds.jsonl").resolve()
+    first = tmp_path / data_lines[0].split("--out ")[1].split()[0]
+    assert recipe.task.seeds.resolve() == (first / "seeds.jsonl").resolve()
+    if recipe.task.heldout is not None:
+        assert recipe.task.heldout.is_file()
 
 
 def test_control_arms_contrasts_and_heldout_curves(tiny_recipe, tmp_path):
