@@ -83,6 +83,43 @@ def test_every_model_reader_takes_the_file(cache, tmp_path, monkeypatch):
     assert gguf_models.gguf_provenance("teacher", str(folder)) == {}
 
 
+def test_an_adapter_for_a_gguf_student_names_its_folder_without_a_warning(cache, tmp_path,
+                                                                         monkeypatch):
+    """PEFT names the adapter's base by the loaded model (the converted folder) and warns when
+    the config said the `.gguf` path: extraction and training both write the folder, silently."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from paratransfer.adapter.lora import lora_config
+    from paratransfer.arch import arch_for
+    from paratransfer.teacher.models import load_model
+    from paratransfer.train.setup import build_lora_model
+    from paratransfer.train.settings import TrainSettings
+
+    monkeypatch.setattr(gguf_models, "convert", fake_convert)
+    monkeypatch.setattr(gguf_models, "_check_gguf_package", lambda: None)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF tiny")
+    folder = str(gguf_models.converted_folder(f))
+    specs = [s for s in arch_for(load_model(str(f))).modules() if s.in_layer][:1]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*base_model_name_or_path.*")
+        student = load_model(str(f))  # as extraction wraps it (adapter.write)
+        extracted = get_peft_model(student, lora_config(student, specs, 2, 2.0, 0.0,
+                                                        base_model_name_or_path=str(f)))
+        trained = build_lora_model(load_model(str(f)), specs,
+                                   TrainSettings(init="standard", rank=2, alpha=2.0), str(f))
+    extracted.save_pretrained(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == folder
+    assert trained.peft_config["default"].base_model_name_or_path == folder
+    # a model built from a config has no name: the id given is kept
+    fresh = tiny_model("llama", vocab=len(char_tokenizer()), seed=0)
+    assert lora_config(fresh, specs, 2, 2.0, 0.0,
+                       base_model_name_or_path="given").base_model_name_or_path == "given"
+
+
 def test_the_digest_is_remembered_until_the_file_changes(cache, tmp_path):
     f = tmp_path / "x.gguf"
     f.write_bytes(b"first")

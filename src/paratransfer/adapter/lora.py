@@ -42,9 +42,16 @@ def lora_targets(student, roles: Iterable[str], arch: ArchSpec | None = None) ->
 
 def lora_config(student, specs: Sequence[ModuleSpec], rank: int, alpha: float, dropout: float,
                 **peft_options):
-    """The `LoraConfig` wrapping exactly `specs`; `peft_options` adds e.g. the init or base id."""
+    """The `LoraConfig` wrapping exactly `specs`; `peft_options` adds e.g. the init or base id.
+
+    The base id is the one `get_peft_model` will write anyway: the loaded student's
+    `name_or_path` when it has one (a `.gguf` student loads from its converted folder, and PEFT
+    warns when the config names something else), else the id given."""
     from peft import LoraConfig
 
+    loaded = getattr(student, "name_or_path", None)
+    if loaded and "base_model_name_or_path" in peft_options:
+        peft_options = {**peft_options, "base_model_name_or_path": loaded}
     specs = list(dict.fromkeys(specs))
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=arch_for(student).peft_targets(specs),

@@ -85,11 +85,8 @@ def build_lora_model(student, specs: list, settings: TrainSettings, student_id: 
     from paratransfer.adapter.lora import lora_config
 
     init = INITS[settings.init]
-    # PEFT names the adapter's base by the loaded model (a `.gguf` student loads from its
-    # converted folder) and warns when the config said otherwise: say what it will write.
-    base = getattr(student, "name_or_path", None) or student_id
     config = lora_config(student, specs, settings.rank, settings.alpha, settings.dropout,
-                         base_model_name_or_path=base, init_lora_weights=init.peft_init,
+                         base_model_name_or_path=student_id, init_lora_weights=init.peft_init,
                          **(init.lora_kwargs() if init.lora_kwargs is not None else {}))
     if init.needs_data and data is None:
         raise ValueError(f"init {init.name} reads the training data: pass `data`")
