@@ -94,8 +94,8 @@ def test_an_adapter_for_a_gguf_student_names_its_folder_without_a_warning(cache,
     from paratransfer.adapter.lora import lora_config
     from paratransfer.arch import arch_for
     from paratransfer.teacher.models import load_model
-    from paratransfer.train.setup import build_lora_model
     from paratransfer.train.settings import TrainSettings
+    from paratransfer.train.setup import build_lora_model
 
     monkeypatch.setattr(gguf_models, "convert", fake_convert)
     monkeypatch.setattr(gguf_models, "_check_gguf_package", lambda: None)
