@@ -252,6 +252,17 @@ def test_chat_template_missing(tok):
         render(ex(("user", "a"), ("assistant", "b")), tok, "chat-template")
 
 
+def test_chat_template_missing_names_the_tokenizer(tmp_path):
+    """Of a teacher and a student, the error says which one has no template."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "base-teacher"
+    char_tokenizer().save_pretrained(folder)
+    t = AutoTokenizer.from_pretrained(folder)
+    with pytest.raises(UserError, match=f"{folder} has no chat_template"):
+        render(ex(("user", "a"), ("assistant", "b")), t, "chat-template")
+
+
 def test_chat_template_failure_is_user_error():
     t = char_tokenizer()
     t.chat_template = "{{ raise_exception('system role not supported') }}"

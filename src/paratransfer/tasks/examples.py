@@ -241,8 +241,9 @@ def _tulu(messages: tuple[dict[str, str], ...], tokenizer) -> tuple[str, str]:
 def _chat_template(messages: tuple[dict[str, str], ...], tokenizer) -> tuple[str, str]:
     """The tokenizer's own chat template with the generation prompt; answer = last turn + EOS."""
     if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise UserError(
-            "prompt format 'chat-template': the tokenizer has no chat_template "
+            f"prompt format 'chat-template': {name} has no chat_template "
             "(expected a tokenizer that defines one, or prompt format 'tulu')"
         )
     eos = _eos(tokenizer)
