@@ -11,8 +11,8 @@ import torch
 from paratransfer import data
 from paratransfer.arch import arch_for
 from paratransfer.io.errors import UserError
-from paratransfer.laten import LatenSettings, run_laten
-from paratransfer.laten.attribution import attribute_one
+from paratransfer.laten import LatenSettings, attribution, run_laten
+from paratransfer.laten.attribution import attribute_many, attribute_one
 from paratransfer.laten.inject import apply_deltas, injected_parameters, weight_deltas
 from paratransfer.laten.locate import KIND, locate, neuron_counts, neuron_vectors
 from paratransfer.laten.loop import Step, example_loss, train_translator
@@ -156,6 +156,46 @@ def _oracle_scores(model, sample, eos_id):
 def _top(values, k):
     order = sorted(range(len(values)), key=lambda i: (-values[i], i))
     return order[:k]
+
+
+def _spy_shared_head(monkeypatch) -> list:
+    """Record what `_SharedHead.of` returns (None: the direct path) on each call."""
+    seen, real = [], attribution._SharedHead.of
+    monkeypatch.setattr(attribution._SharedHead, "of",
+                        classmethod(lambda cls, *a: seen.append(real(*a)) or seen[-1]))
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma2", "gemma3_text"])
+def test_the_shared_head_pass_gives_each_example_the_direct_scores(family, pairs, seeds_file,
+                                                                   tokenizer, monkeypatch):
+    """Three examples through one shared head pass, the vocabulary and the columns tiled
+    unevenly, score as each one alone through the model's own norm and head."""
+    teacher = load_model(str(pairs[family][0]))
+    spec = arch_for(teacher)
+    samples = [_sample(seeds_file, tokenizer, i) for i in range(3)]
+    monkeypatch.setattr(attribution, "_LOGIT_BUDGET", 333)  # ragged vocabulary tiles
+    seen = _spy_shared_head(monkeypatch)
+    many = attribute_many(teacher, spec, samples, tokenizer.eos_token_id)
+    assert seen and all(s is not None for s in seen), "the shared path was not taken"
+    monkeypatch.setattr(attribution._SharedHead, "of", classmethod(lambda cls, *a: None))
+    for sample, got in zip(samples, many, strict=True):
+        want = attribute_one(teacher, spec, sample, tokenizer.eos_token_id)
+        torch.testing.assert_close(got.attn_layers, want.attn_layers, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.ffn_layers, want.ffn_layers, rtol=1e-4, atol=1e-5)
+        for role in ("o", "down", "v", "up"):
+            torch.testing.assert_close(got.neurons[role], want.neurons[role], rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_a_layer_norm_head_takes_the_direct_path(pairs, seeds_file, tokenizer, monkeypatch):
+    """GPT-2's final LayerNorm is not an RMS norm with a gain: the shared form would be wrong,
+    so it is not used (the brute-force test checks the scores)."""
+    teacher = load_model(str(pairs["gpt2"][0]))
+    seen = _spy_shared_head(monkeypatch)
+    attribute_one(teacher, arch_for(teacher), _sample(seeds_file, tokenizer),
+                  tokenizer.eos_token_id)
+    assert seen and all(s is None for s in seen)
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "phi3", *GEMMAS])

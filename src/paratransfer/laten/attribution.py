@@ -18,6 +18,11 @@ is the same MLP neuron as down column i; a v row (key/value head g, dimension j)
 over the query heads that read it. Forward passes only: no gradient, nothing kept per sample
 beyond these score vectors.
 
+The cost is the head: every o and down neuron's vector goes through it (vocabulary × width
+multiply-adds each). When the final norm is an RMS norm with a gain, the head's product with a
+neuron's column is the same for every example (`_SharedHead`), so several examples share one
+pass and each adds only its own scaling and log-sum-exp; other norms take the direct path.
+
 Families with post-norms (Gemma 2 and 3: the layer adds P_a(o_l) and P_f(f_l), each an RMS norm
 of the module's output) get the same scores with each neuron's term taken through its norm at
 the layer's own scale: P_o(v) = g ⊙ v / rms(o), with rms(o) = √(mean(o²) + ε) of the whole
@@ -136,7 +141,13 @@ class _Recorder:
         self.y[role, index] = out[0, -1].detach()
 
     def gain(self, role: str, index: int) -> torch.Tensor | None:
-        """g / rms(raw output), the post-norm's map at this layer's scale (None: no post-norm).
+        """g / rms(raw output), the post-norm's map at this layer's scale (None: no post-norm)."""
+        parts = self.gain_parts(role, index)
+        return None if parts is None else parts[0] * parts[1]
+
+    def gain_parts(self, role: str, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(g, 1 / rms(raw output)): the post-norm's gain, shared by every example, and this
+        example's scale (None: no post-norm).
 
         The gain g is the norm's output for a vector of ones times √(1 + ε); an RMS norm
         `v · rsqrt(mean(v²) + ε) · g` is the only kind this is exact for, which the residual
@@ -145,11 +156,9 @@ class _Recorder:
         norm = self.post.get((role, index))
         if norm is None:
             return None
-        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
         raw = self.raw[role, index].float()
-        ones = torch.ones(1, raw.shape[-1], dtype=raw.dtype, device=raw.device)
-        g = norm.forward(ones)[0].float() * (1.0 + eps) ** 0.5  # forward: not through the hooks
-        return g * torch.rsqrt(raw.square().mean() + eps)
+        g, eps = rms_gain(norm, raw.shape[-1], raw.device)
+        return g, torch.rsqrt(raw.square().mean() + eps)
 
     def term(self, role: str, index: int, raw: torch.Tensor) -> torch.Tensor:
         """A part of the module's raw output, as the stream receives it."""
@@ -159,6 +168,14 @@ class _Recorder:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def rms_gain(norm: torch.nn.Module, width: int, device) -> tuple[torch.Tensor, float]:
+    """(g, ε) of a norm read as `v · rsqrt(mean(v²) + ε) · g` (float32); callers check that
+    the norm is one."""
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    ones = torch.ones(1, width, dtype=torch.float32, device=device)
+    return norm.forward(ones)[0].float() * (1.0 + eps) ** 0.5, eps  # forward: not the hooks
 
 
 def _check_residual(rec: _Recorder, layers: int, dtype: torch.dtype, family: str) -> None:
@@ -223,38 +240,185 @@ def _v_scores(o_scores: torch.Tensor, spec: ArchSpec, config, v_rows: int) -> to
     return per.sum(dim=-2).reshape(*o_scores.shape[:-1], v_rows)
 
 
-@torch.no_grad()
-def attribute_one(model: torch.nn.Module, spec: ArchSpec, sample: Mapping[str, Sequence[int]],
-                  eos_id: int | None) -> Attribution:
-    """The scores of one seed example (docstring of this module)."""
+class _SharedHead:
+    """log p(y | base + a·m) for many columns m and coefficients a at once, the head's product
+    shared by every example (exact; used when the final norm is an RMS norm with a gain and
+    the head a bias-free linear map, which `of` checks).
+
+    With n(v) = g ⊙ v / ρ(v), ρ(v) = √(mean(v²) + ε), the logits of v = b + a·m are
+
+        H n(v) = (H (g ⊙ b) + a · H (g ⊙ m)) / ρ(v)
+
+    so H (g ⊙ m) — the costly part, vocabulary × width per column — is computed once per
+    column and read by every example, which adds only its own coefficients, scales and a
+    log-sum-exp (tiled over the vocabulary, so no full logits matrix is held).
+    """
+
+    def __init__(self, weight: torch.Tensor, g: torch.Tensor, eps: float, softcap: float):
+        self.weight, self.g, self.eps, self.softcap = weight, g, eps, softcap
+
+    @classmethod
+    def of(cls, rec: _Recorder, head: torch.nn.Module, probes: torch.Tensor,
+           target: int) -> _SharedHead | None:
+        """The shared form when it reproduces the model's own norm and head on `probes`
+        (vectors the scores start from), else None (the direct path is used)."""
+        weight = getattr(head, "weight", None)
+        if (not isinstance(head, torch.nn.Linear) or head.bias is not None or weight is None
+                or weight.dim() != 2):
+            return None
+        g, eps = rms_gain(rec.norm, weight.shape[1], weight.device)
+        shared = cls(weight, g, eps, rec.softcap)
+        tol = 1e-4 if weight.dtype == torch.float32 else 5e-2
+        with torch.no_grad():
+            normed = rec.norm(probes.unsqueeze(0))[0].float()
+            mine = shared.normed(probes.float())
+            if float((normed - mine).abs().max()) > tol * (float(normed.abs().max()) + 1.0):
+                return None
+            direct = _logprob(rec, head, probes, target)
+            ours = shared.base_logprob(probes, target)
+        if float((direct - ours).abs().max()) > tol * (float(direct.abs().max()) + 1.0):
+            return None
+        return shared
+
+    def normed(self, v: torch.Tensor) -> torch.Tensor:
+        return v * self.g * torch.rsqrt(v.square().mean(-1, keepdim=True) + self.eps)
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.softcap:
+            return logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def _chunks(self, columns: int):
+        vocab = self.weight.shape[0]
+        width = max(1, min(columns, 256))
+        return width, max(1, _LOGIT_BUDGET // width), vocab
+
+    def base_logprob(self, bases: torch.Tensor, target: int) -> torch.Tensor:
+        """log p(target | b) for each row b (float64)."""
+        normed = self.normed(bases.float())
+        lse = torch.full((bases.shape[0],), float("-inf"))
+        _, step, vocab = self._chunks(bases.shape[0])
+        for k in range(0, vocab, step):
+            logits = self._cap(normed @ self.weight[k:k + step].float().t())
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1).cpu())
+        at = self._cap(normed @ self.weight[target].float()).cpu()
+        return (at - lse).double()
+
+    def scores(self, bases: torch.Tensor, coefs: torch.Tensor, columns: torch.Tensor,
+               targets: list[int]) -> torch.Tensor:
+        """[examples, columns]: log p(y_e | b_e + coef[e, c] · m_c) − log p(y_e | b_e), with
+        `columns` the `[width, C]` vectors m_c and `bases` `[examples, width]` (float64)."""
+        bases, coefs, columns = bases.float(), coefs.float(), columns.float()
+        n, count = coefs.shape
+        gm = columns * self.g.unsqueeze(1)  # g ⊙ m_c, [width, C]
+        gb = bases * self.g  # g ⊙ b_e, [E, width]
+        # 1/ρ(v) for every (example, column): ||b + a m||² = ||b||² + 2a b·m + a²||m||²
+        width = bases.shape[1]
+        dots, sq = bases @ columns, columns.square().sum(0)
+        ms = (bases.square().sum(1, keepdim=True) + 2 * coefs * dots + coefs.square() * sq) / width
+        inv = torch.rsqrt(ms.clamp_min(0) + self.eps)  # [E, C]
+        rows = self.weight[targets].float()  # H[y_e], [E, width]
+        at = (torch.einsum("ed,ed->e", gb, rows).unsqueeze(1)
+              + coefs * (rows @ gm)) * inv  # the target's logit, [E, C]
+        at = self._cap(at)
+        inv0 = torch.rsqrt(bases.square().mean(1) + self.eps)  # the bases alone, [E]
+        at0 = self._cap(torch.einsum("ed,ed->e", gb, rows) * inv0)
+        lse0 = torch.full((n,), float("-inf"), device=coefs.device)
+        lse = torch.full((n, count), float("-inf"), device=coefs.device)
+        part, step, vocab = self._chunks(count)
+        for k in range(0, vocab, step):
+            block = self.weight[k:k + step].float()  # [Vk, width]
+            base_logits = gb @ block.t()  # [E, Vk]
+            lse0 = torch.logaddexp(lse0, torch.logsumexp(
+                self._cap(base_logits * inv0.unsqueeze(1)), dim=-1))
+            for c in range(0, count, part):
+                shared = gm[:, c:c + part].t() @ block.t()  # H (g ⊙ m), [Cc, Vk]: once
+                for e in range(n):
+                    logits = torch.addcmul(base_logits[e].unsqueeze(0),
+                                           coefs[e, c:c + part].unsqueeze(1), shared)
+                    logits = self._cap(logits.mul_(inv[e, c:c + part].unsqueeze(1)))
+                    lse[e, c:c + part] = torch.logaddexp(lse[e, c:c + part],
+                                                         torch.logsumexp(logits, dim=-1))
+        return ((at - lse).double() - (at0 - lse0).double().unsqueeze(1)).cpu()
+
+
+def _record(model: torch.nn.Module, spec: ArchSpec, sample: Mapping[str, Sequence[int]],
+            eos_id: int | None) -> tuple[_Recorder, int]:
+    """One forward pass; the recorder (hooks removed) holding what the scores need, and y."""
     tokens, target = prediction_point(sample, eos_id)
-    layers = len(_layers(model, spec))
-    head = model.get_output_embeddings()
     device = model.get_input_embeddings().weight.device
     rec = _Recorder(model, spec)
     try:
         model(input_ids=torch.tensor([tokens], device=device), use_cache=False)
-        _check_residual(rec, layers, head.weight.dtype, spec.family)
-        attn = torch.zeros(layers, dtype=torch.float64)
-        ffn = torch.zeros(layers, dtype=torch.float64)
-        per_role: dict[str, list[torch.Tensor]] = {"o": [], "down": []}
-        for i in range(layers):
+        _check_residual(rec, len(_layers(model, spec)), model.get_output_embeddings().weight.dtype,
+                        spec.family)
+    finally:
+        rec.close()
+    return rec, target
+
+
+def _role_scores(recs: list[tuple[_Recorder, int]], head: torch.nn.Module,
+                 bases: list[torch.Tensor], matrix: torch.Tensor, role: str,
+                 layer: int) -> list[torch.Tensor]:
+    """Every column's score for each example: through the shared head when it applies."""
+    rec0, target0 = recs[0]
+    shared = _SharedHead.of(rec0, head, torch.stack(bases), target0)
+    if shared is not None:
+        coefs, columns = [], matrix
+        for rec, _ in recs:
+            x = rec.x[role, layer]
+            parts = rec.gain_parts(role, layer)
+            coefs.append(x.float() if parts is None else x.float() * parts[1])
+        if parts is not None:  # the post-norm's gain is the same for every example
+            columns = matrix.float() * parts[0].unsqueeze(1)
+        return list(shared.scores(torch.stack(bases), torch.stack(coefs), columns,
+                                  [t for _, t in recs]))
+    return [_neuron_scores(rec, head, base, rec.x[role, layer], matrix, target, role, layer)
+            for (rec, target), base in zip(recs, bases, strict=True)]
+
+
+@torch.no_grad()
+def attribute_many(model: torch.nn.Module, spec: ArchSpec,
+                   samples: Sequence[Mapping[str, Sequence[int]]],
+                   eos_id: int | None) -> list[Attribution]:
+    """The scores of each example (module docstring): one forward pass each, then per layer
+    one pass of the head over every neuron, shared by the examples where the norm allows."""
+    if not samples:
+        raise UserError("LaTen's attribution needs at least one seed example")
+    recs = [_record(model, spec, s, eos_id) for s in samples]
+    layers = len(_layers(model, spec))
+    head = model.get_output_embeddings()
+    attn = torch.zeros(len(recs), layers, dtype=torch.float64)
+    ffn = torch.zeros(len(recs), layers, dtype=torch.float64)
+    per_role: dict[str, list[list[torch.Tensor]]] = {"o": [], "down": []}
+    for i in range(layers):
+        hs, rs = [], []
+        for e, (rec, target) in enumerate(recs):
             h, o_out, f_out = rec.h[i], rec.y["o", i], rec.y["down", i]
             r = h + o_out
             pair = _logprob(rec, head, torch.stack([h, r, r + f_out]), target)
-            attn[i], ffn[i] = pair[1] - pair[0], pair[2] - pair[1]
-            per_role["o"].append(_neuron_scores(rec, head, h, rec.x["o", i],
-                                                role_matrix(model, spec, "o", i), target, "o", i))
-            per_role["down"].append(_neuron_scores(rec, head, r, rec.x["down", i],
-                                                   role_matrix(model, spec, "down", i), target,
-                                                   "down", i))
-    finally:
-        rec.close()
-    neurons = {role: torch.stack(rows).cpu() for role, rows in per_role.items()}
-    neurons["up"] = neurons["down"].clone()
+            attn[e, i], ffn[e, i] = pair[1] - pair[0], pair[2] - pair[1]
+            hs.append(h)
+            rs.append(r)
+        per_role["o"].append(_role_scores(recs, head, hs, role_matrix(model, spec, "o", i),
+                                          "o", i))
+        per_role["down"].append(_role_scores(recs, head, rs, role_matrix(model, spec, "down", i),
+                                             "down", i))
     v_rows = role_matrix(model, spec, "v", 0).shape[0]
-    neurons["v"] = _v_scores(neurons["o"], spec, model.config, v_rows)
-    return Attribution(attn, ffn, neurons, 1)
+    out = []
+    for e in range(len(recs)):
+        neurons = {role: torch.stack([layer[e] for layer in rows]).cpu()
+                   for role, rows in per_role.items()}
+        neurons["up"] = neurons["down"].clone()
+        neurons["v"] = _v_scores(neurons["o"], spec, model.config, v_rows)
+        out.append(Attribution(attn[e], ffn[e], neurons, 1))
+    return out
+
+
+def attribute_one(model: torch.nn.Module, spec: ArchSpec, sample: Mapping[str, Sequence[int]],
+                  eos_id: int | None) -> Attribution:
+    """The scores of one seed example (docstring of this module)."""
+    return attribute_many(model, spec, [sample], eos_id)[0]
 
 
 def attribute(model: torch.nn.Module, spec: ArchSpec, samples: Iterable[Mapping[str, Sequence[int]]],

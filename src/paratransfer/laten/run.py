@@ -15,7 +15,7 @@ import torch
 
 from paratransfer.arch import arch_for
 from paratransfer.io.errors import UserError
-from paratransfer.laten.attribution import attribute_one
+from paratransfer.laten.attribution import attribute_many
 from paratransfer.laten.inject import lora_factors, weight_deltas
 from paratransfer.laten.locate import Located, locate, neuron_counts, neuron_vectors
 from paratransfer.laten.loop import Step, train_translator
@@ -52,8 +52,8 @@ def _locate_model(model, spec, samples: list[dict], keep: int, counts: dict[str,
                   eos_id) -> list[tuple[Located, dict[str, torch.Tensor]]]:
     """(located, vectors) of one model for each sample."""
     out = []
-    for sample in samples:
-        located = locate(attribute_one(model, spec, sample, eos_id), keep, counts)
+    for attribution in attribute_many(model, spec, samples, eos_id):
+        located = locate(attribution, keep, counts)
         out.append((located, neuron_vectors(model, spec, located)))
     return out
 
