@@ -415,6 +415,36 @@ def test_resume_refuses_when_an_input_changed(small_recipe, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_resume_takes_a_recipe_that_only_adds_arms(small_recipe, tmp_path):
+    """A finished study grown by one arm runs only that arm's steps; its row joins the table.
+    Changing a finished arm's settings is still refused."""
+    raw = yaml.safe_load(small_recipe.read_text())
+    out = tmp_path / "run"
+    first = run_experiment(load_recipe(small_recipe), out, progress=False, log=lambda line: None)
+    arms = {row["arm"] for row in first["arms"]}
+    grown = tmp_path / "grown" / small_recipe.name  # the recipe's name is its file's
+    grown.parent.mkdir()
+    grown.write_text(yaml.safe_dump({**raw, "arms": {"transfer": {}, "lora": {"init": "standard"},
+                                                     "pissa": {"init": "pissa"}}}))
+    lines: list[str] = []
+    again = run_experiment(load_recipe(grown), out, resume=True, progress=False,
+                           log=lines.append)
+    assert {row["arm"] for row in again["arms"]} == arms | {"pissa"}
+    assert again["steps"]["reused"] == first["steps"]["ran"]
+    ran = [line for line in lines if not line.endswith("complete from an earlier run")]
+    assert again["steps"]["ran"] == 2 and len(ran) == 2, lines
+    assert all("pissa" in line for line in ran), lines
+    assert {k: v for k, v in _values(again).items() if k in arms} == _values(first)
+    assert "pissa" in json.loads((out / "recipe.json").read_text())["arms"]
+    changed = tmp_path / "changed" / small_recipe.name
+    changed.parent.mkdir()
+    changed.write_text(yaml.safe_dump({**raw, "arms": {"transfer": {}, "lora": {"init": "standard"},
+                                                       "pissa": {"init": "spectrum"}}}))
+    with pytest.raises(UserError, match=r"was run with another recipe \(arms differ"):
+        run_experiment(load_recipe(changed), out, resume=True, progress=False,
+                       log=lambda line: None)
+
+
 def test_a_model_fingerprint_follows_its_weights(small_recipe, tmp_path):
     """What `run --resume` compares a model folder by: a changed bit of the weights shows."""
     import shutil

@@ -89,10 +89,16 @@ def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Pat
         from paratransfer.io.readers import read_json
 
         saved = read_json(record, "a run's recipe")
-        changed = differences(saved, json.loads(json.dumps(recipe.to_dict())))
-        if changed:
+        now = json.loads(json.dumps(recipe.to_dict()))
+        changed = differences(saved, now)
+        added = added_arms(saved, now) if changed == ["arms"] else None
+        if changed and added is None:
             raise UserError(f"{out}: was run with another recipe ({', '.join(changed)} differ "
-                            "from recipe.json); use a new --out or --overwrite")
+                            "from recipe.json); use a new --out or --overwrite (a recipe that "
+                            "only adds arms may resume)")
+        if added:
+            notice(f"{out}: the recipe adds the arms {', '.join(added)}; the finished steps "
+                   "of the others are kept and the results are computed again")
         if not check_same_inputs(work, out, digests):
             notice(f"{out}: no {INPUTS_FILE} (a run folder of an earlier version): the data "
                    "and models the finished steps read cannot be compared; recorded now")
@@ -102,6 +108,15 @@ def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Pat
     write_json(record, recipe.to_dict())
     write_json(work / INPUTS_FILE, digests)
     return work
+
+
+def added_arms(saved: dict, now: dict) -> list[str] | None:
+    """The arms `now` adds to `saved` when it keeps every saved arm with the same settings
+    (a study grown by an arm reuses what ran), else None."""
+    before, after = saved.get("arms") or {}, now.get("arms") or {}
+    if any(after.get(name) != settings for name, settings in before.items()):
+        return None
+    return [name for name in after if name not in before]
 
 
 class Runner:
