@@ -83,6 +83,26 @@ def test_every_model_reader_takes_the_file(cache, tmp_path, monkeypatch):
     assert gguf_models.gguf_provenance("teacher", str(folder)) == {}
 
 
+def test_laten_takes_gguf_files(cache, tmp_path, monkeypatch, seeds_file):
+    """`paratransfer laten` reads the student's shapes before loading it: from the converted
+    folder too, and its adapter loads on that folder."""
+    from peft import PeftModel
+
+    from paratransfer.laten import LatenSettings, run_laten
+    from paratransfer.teacher.models import load_model
+
+    monkeypatch.setattr(gguf_models, "convert", fake_convert)
+    monkeypatch.setattr(gguf_models, "_check_gguf_package", lambda: None)
+    teacher, student = tmp_path / "t.gguf", tmp_path / "s.gguf"
+    teacher.write_bytes(b"GGUF teacher")
+    student.write_bytes(b"GGUF student")
+    out = tmp_path / "laten"
+    report = run_laten(str(teacher), str(student), seeds_file, out,
+                       LatenSettings(steps=2, batch=2), progress=False)
+    assert report["curve"] and (out / "adapter_model.safetensors").is_file()
+    PeftModel.from_pretrained(load_model(str(student)), str(out))
+
+
 def test_an_adapter_for_a_gguf_student_names_its_folder_without_a_warning(cache, tmp_path,
                                                                          monkeypatch):
     """PEFT names the adapter's base by the loaded model (the converted folder) and warns when

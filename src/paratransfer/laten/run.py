@@ -62,11 +62,13 @@ def _skeleton(model_id: str) -> torch.nn.Module:
     """The model built on the meta device from its config: every shape, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from paratransfer.teacher.gguf import resolve_model
     from paratransfer.teacher.models import check_source
 
-    check_source(str(model_id))
+    model_id = resolve_model(str(model_id))  # a .gguf file: its converted folder
+    check_source(model_id)
     try:
-        config = AutoConfig.from_pretrained(str(model_id))
+        config = AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{model_id}: cannot read its config ({str(e).splitlines()[0]})") from e
     with torch.device("meta"):
