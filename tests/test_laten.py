@@ -10,6 +10,7 @@ import torch
 
 from paratransfer import data
 from paratransfer.arch import arch_for
+from paratransfer.experiment.heldout_contrasts import NO_HELDOUT, not_trained
 from paratransfer.io.errors import UserError
 from paratransfer.laten import LatenSettings, attribution, run_laten
 from paratransfer.laten.attribution import attribute_many, attribute_one
@@ -470,6 +471,10 @@ def test_laten_arms_run_in_a_recipe_with_their_rows_and_contrasts(model_pairs, s
         (run / "arms" / "laten" / "laten-seed-1").resolve())
     md = (run / "results.md").read_text()
     assert "LaTen's injection, without fine-tuning (laten − student)" in md
+    # `laten` is not fine-tuned: it has no held-out curve whether or not the recipe gave a set
+    assert rows["laten"]["heldout"] == {"missing": not_trained(["laten"])}
+    assert said["laten − student"]["heldout"] == {"missing": not_trained(["laten", "student"])}
+    assert rows["laten-lora"]["heldout"] == {"missing": NO_HELDOUT}  # this recipe gives none
 
 
 def test_recipes_refuse_laten_settings_that_do_not_make_an_arm(model_pairs, seeds_file, tmp_path):

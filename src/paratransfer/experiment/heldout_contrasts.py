@@ -23,6 +23,19 @@ MEASURES = {"final": "final held-out loss", "curve_mean": "mean held-out loss ov
 NO_HELDOUT = ("no held-out set was given (task.heldout), so no held-out loss was recorded")
 
 
+def not_trained(names: list[str]) -> str:
+    """What a row or contrast says when some of its arms are not fine-tuned (LaTen's
+    injection alone, a reference row): they have no curve, whatever the recipe gave."""
+    verb = "is" if len(names) == 1 else "are"
+    return f"{' and '.join(names)} {verb} not fine-tuned, so there is no held-out loss curve"
+
+
+def why_missing(names: list[str], trained: set[str] | None) -> str:
+    """The reason a row or contrast has no held-out loss."""
+    untrained = [n for n in names if trained is not None and n not in trained]
+    return not_trained(untrained) if untrained else NO_HELDOUT
+
+
 def run_measures(train_dir: Path) -> dict[str, float] | None:
     """A run's final held-out loss and mean over its curve after step 0, from train.json
     (None when it recorded no curve)."""
@@ -64,19 +77,21 @@ def paired(values: dict[str, dict[int, dict[str, float]]], arm: str, other: str,
 
 
 def contrast(values: dict[str, dict[int, dict[str, float]]], arm: str, other: str,
-             isolates: str = "") -> dict[str, Any]:
-    """Both measures of one contrast, or why there are none."""
+             isolates: str = "", trained: set[str] | None = None) -> dict[str, Any]:
+    """Both measures of one contrast, or why there are none (`trained`: the arms that were
+    fine-tuned, when known)."""
     found = {m: paired(values, arm, other, m, isolates) for m in MEASURES}
     if all(v is None for v in found.values()):
-        return {"missing": NO_HELDOUT}
+        return {"missing": why_missing([arm, other], trained)}
     return found
 
 
-def arm_summary(values: dict[str, dict[int, dict[str, float]]], arm: str) -> dict[str, Any]:
+def arm_summary(values: dict[str, dict[int, dict[str, float]]], arm: str,
+                trained: set[str] | None = None) -> dict[str, Any]:
     """Per arm: each measure's mean ± std over seeds and its paired difference to `lora`."""
     by_seed = values.get(arm)
     if not by_seed:
-        return {"missing": NO_HELDOUT}
+        return {"missing": why_missing([arm], trained)}
     seeds = sorted(by_seed)
     out: dict[str, Any] = {}
     for m in MEASURES:

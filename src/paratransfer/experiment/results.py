@@ -113,7 +113,8 @@ def contrasts(rows: list[dict[str, Any]], metrics: dict[str, dict[int, Path]],
         out.append({"contrast": f"{arm} − {other}", "isolates": isolates, **d,
                     "sentence": sentence(f"{isolates} ({arm} − {other})", d),
                     "decide": decide, "decide_sentence": decide_sentence(decide),
-                    "heldout": heldout_contrast(losses, arm, other, isolates)})
+                    "heldout": heldout_contrast(losses, arm, other, isolates,
+                                                trained=set(runs) if runs is not None else None)})
     return out
 
 
@@ -197,7 +198,8 @@ def write_results(out: Path, recipe, metrics: dict[str, dict[int, Path]], refs: 
     metric, rows = summarize_arms(metrics)
     losses = measures_by_arm(runs or {})
     for row in rows:
-        row["heldout"] = arm_summary(losses, row["arm"])
+        row["heldout"] = arm_summary(losses, row["arm"],
+                                     trained=set(runs) if runs is not None else None)
     references = []
     for who, path in refs.items():
         m = _read(path)
