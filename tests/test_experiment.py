@@ -445,6 +445,33 @@ def test_resume_takes_a_recipe_that_only_adds_arms(small_recipe, tmp_path):
                        log=lambda line: None)
 
 
+def test_resume_takes_a_run_folder_older_than_a_setting(small_recipe, tmp_path, capsys):
+    """A run folder whose recipe.json predates a setting (the tool gained it since) resumes
+    when the recipe leaves it at its default, saying so; a value other than the default is a
+    changed recipe."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # in its third step (the first training)
+        run_experiment(load_recipe(small_recipe), out, progress=False, on_step=_stop_at(3),
+                       log=lambda line: None)
+    record = out / "recipe.json"
+    saved = json.loads(record.read_text())
+    del saved["overlong"]
+    record.write_text(json.dumps(saved))
+    capsys.readouterr()
+    again = run_experiment(load_recipe(small_recipe), out, resume=True, progress=False,
+                           log=lambda line: None)
+    assert again["steps"]["reused"] == 2
+    assert "predates the setting(s) overlong" in capsys.readouterr().err
+    record.write_text(json.dumps(saved))
+    raw = yaml.safe_load(small_recipe.read_text())
+    other = tmp_path / "other" / small_recipe.name
+    other.parent.mkdir()
+    other.write_text(yaml.safe_dump({**raw, "overlong": "truncate"}))
+    with pytest.raises(UserError, match=r"another recipe \(overlong differ"):
+        run_experiment(load_recipe(other), out, resume=True, progress=False,
+                       log=lambda line: None)
+
+
 def test_a_model_fingerprint_follows_its_weights(small_recipe, tmp_path):
     """What `run --resume` compares a model folder by: a changed bit of the weights shows."""
     import shutil

@@ -91,6 +91,11 @@ def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Pat
         saved = read_json(record, "a run's recipe")
         now = json.loads(json.dumps(recipe.to_dict()))
         changed = differences(saved, now)
+        newer = keys_since(saved, now, changed)
+        if newer:  # a run folder of an earlier version: those settings did not exist yet
+            notice(f"{out}: recipe.json predates the setting(s) {', '.join(newer)}; the "
+                   "finished steps ran before they existed, the rest runs at their defaults")
+            changed = [k for k in changed if k not in newer]
         added = added_arms(saved, now) if changed == ["arms"] else None
         if changed and added is None:
             raise UserError(f"{out}: was run with another recipe ({', '.join(changed)} differ "
@@ -108,6 +113,15 @@ def prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Pat
     write_json(record, recipe.to_dict())
     write_json(work / INPUTS_FILE, digests)
     return work
+
+
+def keys_since(saved: dict, now: dict, changed: list[str]) -> list[str]:
+    """The settings `saved` (an earlier version's recipe.json) lacks and `now` has at their
+    defaults: added to the tool since that run started, not changed by the user."""
+    from paratransfer.experiment.recipe import SETTING_DEFAULTS
+
+    return [k for k in changed if k not in saved and k in SETTING_DEFAULTS
+            and now.get(k) == json.loads(json.dumps(SETTING_DEFAULTS[k]))]
 
 
 def added_arms(saved: dict, now: dict) -> list[str] | None:
